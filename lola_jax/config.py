@@ -1,0 +1,68 @@
+"""Static configuration of one LoLA attention layer.
+
+`LoLAConfig` is frozen and hashable so it can be passed as a static argument to `jax.jit`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+MIXES = ("gated", "lolcats")
+POLICIES = ("sre", "recency")
+IMPLEMENTATIONS = (None, "xla", "pallas", "reference")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoLAConfig:
+  """Hyper-parameters of LoLA attention (see docs/semantics.md).
+
+  Attributes:
+    chunk_size: C, tokens per chunk. The sliding window is the previous complete chunk plus the
+      current chunk so far, and the sparse cache is updated once per completed chunk.
+    cache_size: lambda, capacity of the sparse cache in key/value pairs per kv head (0 = the
+      LoLCATs hybrid of window + linear attention).
+    mix: how the softmax branch (window + cache) and the linear branch are combined:
+      "gated": y = (g*sum e^l v + (1-g)*phi_q^T H) / (g*sum e^l + (1-g)*phi_q^T s);
+      "lolcats": y = (g*sum e^(l-c) v + phi_q^T H) / (g*sum e^(l-c) + phi_q^T s), c = max l.
+    policy: which candidates stay in the sparse cache when it overflows. "sre" keeps the pairs
+      with the largest self-recall error, "recency" the newest ones.
+    softmax_scale: logit scale; None means 1/sqrt(key_dim).
+    eps: added to the linear denominators phi^T s of the self-recall error.
+    implementation: None (automatic), "xla", "pallas" or "reference" for the prefill path.
+  """
+
+  chunk_size: int = 64
+  cache_size: int = 64
+  mix: str = "gated"
+  policy: str = "sre"
+  softmax_scale: float | None = None
+  eps: float = 1e-6
+  implementation: str | None = None
+
+  def __post_init__(self):
+    if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int):
+      raise ValueError(f"chunk_size must be an int >= 1, got {self.chunk_size!r}")
+    if self.chunk_size < 1:
+      raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+    if isinstance(self.cache_size, bool) or not isinstance(self.cache_size, int):
+      raise ValueError(f"cache_size must be an int >= 0, got {self.cache_size!r}")
+    if self.cache_size < 0:
+      raise ValueError(f"cache_size must be >= 0, got {self.cache_size}")
+    if self.mix not in MIXES:
+      raise ValueError(f"mix must be one of {MIXES}, got {self.mix!r}")
+    if self.policy not in POLICIES:
+      raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+    if self.softmax_scale is not None and not (
+      isinstance(self.softmax_scale, (int, float)) and self.softmax_scale > 0
+    ):
+      raise ValueError(f"softmax_scale must be None or a float > 0, got {self.softmax_scale!r}")
+    if not (isinstance(self.eps, (int, float)) and self.eps >= 0):
+      raise ValueError(f"eps must be a float >= 0, got {self.eps!r}")
+    if self.implementation not in IMPLEMENTATIONS:
+      raise ValueError(
+        f"implementation must be one of {IMPLEMENTATIONS}, got {self.implementation!r}"
+      )
+
+  def scale(self, key_dim: int) -> float:
+    """The logit scale for keys of width `key_dim`."""
+    return self.softmax_scale if self.softmax_scale is not None else key_dim**-0.5
