@@ -1,5 +1,22 @@
-"""lola_jax: LoLA (low-rank linear attention with sparse caching) in JAX."""
+"""lola_jax: LoLA (low-rank linear attention with sparse caching) in JAX.
+
+The core is pure functions over a pytree state (see docs/semantics.md for the equations):
+
+  y, state = lola_prefill(q, k, v, phi_q, phi_k, gate, config=config)
+  y, state = lola_decode(q1, k1, v1, phi_q1, phi_k1, gate, config=config, state=state)
+"""
 
 from lola_jax.config import LoLAConfig
+from lola_jax.lola_attention import lola_decode, lola_prefill
+from lola_jax.reference import lola_reference
+from lola_jax.state import LoLAState, cached_positions, init_state
 
-__all__ = ["LoLAConfig"]
+__all__ = [
+  "LoLAConfig",
+  "LoLAState",
+  "cached_positions",
+  "init_state",
+  "lola_decode",
+  "lola_prefill",
+  "lola_reference",
+]

@@ -1,0 +1,262 @@
+"""Building blocks of the LoLA language model: norms, rotary positions, MLP, and the math of the
+softmax and linear attention kinds with their decode caches.
+
+Legend: B batch, T query time, S key time (cache slots), Hq query heads, Hkv key/value heads,
+G = Hq // Hkv (query heads per kv head), d head_dim, D feature width, E d_model, M mlp_dim.
+
+Modules hold parameters (float32) annotated with `logical_axes` metadata that `sharding.py`
+maps onto the mesh; compute happens in the module's `dtype`. Norms, softmax and all attention
+accumulators are float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# ------------------------------------------------------------------------------------------------
+# Parameter modules.
+
+
+def _normal(key: jax.Array, shape: tuple[int, ...], std: float) -> jax.Array:
+  return std * jax.random.truncated_normal(key, -2.0, 2.0, shape, jnp.float32)
+
+
+class RMSNorm(nnx.Module):
+  """y = x / rms(x) * (1 + scale), computed in float32, returned in `dtype`."""
+
+  def __init__(self, dim: int, *, eps: float = 1e-6, dtype=jnp.float32):
+    self.scale = nnx.Param(jnp.zeros((dim,), jnp.float32), logical_axes=("norm",))
+    self.eps = eps
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (y * (1.0 + self.scale[...])).astype(self.dtype)
+
+
+class Embed(nnx.Module):
+  """Token embedding [V, E]; `attend` reuses it as the tied output projection."""
+
+  def __init__(self, vocab_size: int, dim: int, *, dtype, rngs: nnx.Rngs):
+    self.embedding = nnx.Param(
+      _normal(rngs.params(), (vocab_size, dim), 1.0), logical_axes=("vocab", "embed")
+    )
+    self.dtype = dtype
+    self.dim = dim
+
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    """int [B, T] -> [B, T, E] (scaled by sqrt(E), as in Gemma)."""
+    x = jnp.take(self.embedding[...], tokens, axis=0)
+    return (x * jnp.sqrt(jnp.float32(self.dim))).astype(self.dtype)
+
+  def attend(self, x: jax.Array) -> jax.Array:
+    """[B, T, E] -> float32 logits [B, T, V]."""
+    return jnp.einsum(
+      "bte,ve->btv", x, self.embedding[...].astype(self.dtype), preferred_element_type=jnp.float32
+    )
+
+
+class DenseGeneral(nnx.Module):
+  """y = einsum(eqn, x, w) with a float32 kernel cast to `dtype` for the matmul."""
+
+  def __init__(
+    self,
+    eqn: str,
+    shape: tuple[int, ...],
+    axes: tuple[str, ...],
+    *,
+    fan_in: int,
+    dtype,
+    rngs: nnx.Rngs,
+  ):
+    self.eqn = eqn
+    self.kernel = nnx.Param(_normal(rngs.params(), shape, fan_in**-0.5), logical_axes=axes)
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return jnp.einsum(self.eqn, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+
+
+class SwiGLU(nnx.Module):
+  """MLP: down(silu(x W_gate) * (x W_up)); [B, T, E] -> [B, T, E]."""
+
+  def __init__(self, dim: int, hidden: int, *, dtype, rngs: nnx.Rngs):
+    self.gate = DenseGeneral(
+      "bte,em->btm", (dim, hidden), ("embed", "mlp"), fan_in=dim, dtype=dtype, rngs=rngs
+    )
+    self.up = DenseGeneral(
+      "bte,em->btm", (dim, hidden), ("embed", "mlp"), fan_in=dim, dtype=dtype, rngs=rngs
+    )
+    self.down = DenseGeneral(
+      "btm,me->bte", (hidden, dim), ("mlp", "embed"), fan_in=hidden, dtype=dtype, rngs=rngs
+    )
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+
+
+# ------------------------------------------------------------------------------------------------
+# Rotary positions.
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotary position embedding (rotate-half form).
+
+  Args:
+    x: [B, T, H, d], d even.
+    positions: int [B, T] absolute positions.
+    theta: base wavelength.
+
+  Returns:
+    [B, T, H, d] in x.dtype.
+  """
+  d = x.shape[-1]
+  freq = theta ** (-jnp.arange(0, d // 2, dtype=jnp.float32) * 2.0 / d)  # [d/2]
+  angle = positions.astype(jnp.float32)[..., None, None] * freq  # [B, T, 1, d/2]
+  sin, cos = jnp.sin(angle), jnp.cos(angle)
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# Softmax attention and its KV cache.
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+  """Exact key/value cache of softmax attention (one layer).
+
+  k, v: [B, S, Hkv, d] cached keys/values in the compute dtype (slot s holds position s);
+  num_tokens: int32 [B] tokens written so far per row.
+  """
+
+  k: jax.Array
+  v: jax.Array
+  num_tokens: jax.Array
+
+
+def init_kv_cache(batch: int, max_len: int, num_kv_heads: int, head_dim: int, dtype) -> KVCache:
+  z = jnp.zeros((batch, max_len, num_kv_heads, head_dim), dtype)
+  return KVCache(k=z, v=z, num_tokens=jnp.zeros((batch,), jnp.int32))
+
+
+def softmax_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  q_pos: jax.Array,
+  k_pos: jax.Array,
+  k_valid: jax.Array,
+  scale: float,
+) -> jax.Array:
+  """Causal GQA softmax attention: query at position p sees valid keys at positions <= p.
+
+  Args:
+    q: [B, T, Hq, d]; k, v: [B, S, Hkv, d]; q_pos: int [B, T]; k_pos: int [B, S];
+    k_valid: bool [B, S]; scale: logit scale.
+
+  Returns:
+    [B, T, Hq, d] in q.dtype.
+  """
+  b, t, hq, d = q.shape
+  hkv = k.shape[2]
+  qg = q.reshape(b, t, hkv, hq // hkv, d)
+  logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+  mask = (k_pos[:, None, :] <= q_pos[:, :, None]) & k_valid[:, None, :]  # [B, T, S]
+  logits = jnp.where(mask[:, None, None], logits, -1e30)
+  probs = jax.nn.softmax(logits, axis=-1)
+  out = jnp.einsum(
+    "bkgts,bskd->btkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32
+  )
+  return out.reshape(b, t, hq, v.shape[-1]).astype(q.dtype)
+
+
+def kv_cache_write(cache: KVCache, k: jax.Array, v: jax.Array, lengths: jax.Array) -> KVCache:
+  """Append k, v [B, T, Hkv, d] at each row's `num_tokens`; tokens t >= lengths[b] are dropped."""
+  b, t = k.shape[:2]
+  slots = cache.num_tokens[:, None] + jnp.arange(t)[None, :]  # [B, T]
+  slots = jnp.where(jnp.arange(t)[None, :] < lengths[:, None], slots, cache.k.shape[1])
+  rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
+  new_k = cache.k.at[rows, slots].set(k.astype(cache.k.dtype), mode="drop")
+  new_v = cache.v.at[rows, slots].set(v.astype(cache.v.dtype), mode="drop")
+  return KVCache(k=new_k, v=new_v, num_tokens=cache.num_tokens + lengths.astype(jnp.int32))
+
+
+def kv_cache_attention(cache: KVCache, q: jax.Array, q_pos: jax.Array, scale: float) -> jax.Array:
+  """Queries [B, T, Hq, d] at q_pos [B, T] against an (already updated) cache."""
+  s = cache.k.shape[1]
+  k_pos = jnp.broadcast_to(jnp.arange(s)[None], (q.shape[0], s))
+  k_valid = k_pos < cache.num_tokens[:, None]
+  return softmax_attention(q, cache.k, cache.v, q_pos, k_pos, k_valid, scale)
+
+
+# ------------------------------------------------------------------------------------------------
+# Linear attention and its state.
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LinearState:
+  """Linear-attention memory (one layer), always float32.
+
+  h: [B, Hkv, D, d] = sum_i phi_k(k_i) v_i^T;  s: [B, Hkv, D] = sum_i phi_k(k_i);
+  num_tokens: int32 [B].
+  """
+
+  h: jax.Array
+  s: jax.Array
+  num_tokens: jax.Array
+
+
+def init_linear_state(batch: int, num_kv_heads: int, feature_dim: int, value_dim: int):
+  return LinearState(
+    h=jnp.zeros((batch, num_kv_heads, feature_dim, value_dim), jnp.float32),
+    s=jnp.zeros((batch, num_kv_heads, feature_dim), jnp.float32),
+    num_tokens=jnp.zeros((batch,), jnp.int32),
+  )
+
+
+def linear_attention(
+  phi_q: jax.Array,
+  phi_k: jax.Array,
+  v: jax.Array,
+  state: LinearState,
+  lengths: jax.Array,
+  eps: float = 1e-6,
+) -> tuple[jax.Array, LinearState]:
+  """Causal normalised linear attention, parallel (quadratic) form, continuing from `state`.
+
+      y_t = phi_q(q_t)^T (H0 + sum_{i<=t} phi_k(k_i) v_i^T)
+          / (phi_q(q_t)^T (s0 + sum_{i<=t} phi_k(k_i)) + eps)
+
+  Args:
+    phi_q: [B, T, Hq, D]; phi_k: [B, T, Hkv, D]; v: [B, T, Hkv, d]; lengths: int [B] (tokens at
+    t >= lengths[b] are padding and leave the state untouched).
+
+  Returns:
+    y [B, T, Hq, d] in v.dtype and the updated state.
+  """
+  b, t, hq, dd = phi_q.shape
+  hkv = phi_k.shape[2]
+  valid = (jnp.arange(t)[None, :] < lengths[:, None]).astype(jnp.float32)  # [B, T]
+  pk = phi_k.astype(jnp.float32) * valid[:, :, None, None]
+  v32 = v.astype(jnp.float32)
+  pq = phi_q.astype(jnp.float32).reshape(b, t, hkv, hq // hkv, dd)
+  causal = jnp.tril(jnp.ones((t, t), jnp.float32))
+  a = jnp.einsum("btkgf,bskf->bkgts", pq, pk) * causal  # [B, Hkv, G, T, S]
+  num = jnp.einsum("bkgts,bskd->btkgd", a, v32) + jnp.einsum("btkgf,bkfd->btkgd", pq, state.h)
+  den = jnp.einsum("bkgts->btkg", a) + jnp.einsum("btkgf,bkf->btkg", pq, state.s)
+  y = num / (den[..., None] + eps)
+  new_state = LinearState(
+    h=state.h + jnp.einsum("bskf,bskd->bkfd", pk, v32),
+    s=state.s + jnp.sum(pk, axis=1),
+    num_tokens=state.num_tokens + lengths.astype(jnp.int32),
+  )
+  return y.reshape(b, t, hq, v.shape[-1]).astype(v.dtype), new_state

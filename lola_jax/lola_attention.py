@@ -1,0 +1,352 @@
+"""LoLA attention as pure functions: the chunked prefill scan and the one-token decode step.
+
+A query at position t in chunk n = t // C attends with exact softmax to
+
+  U_t = G + (chunk n-1) + {tokens of chunk n at positions <= t}
+
+(the sparse cache, the previous complete chunk and the causal part of its own chunk), and reads
+the linear state (H, s) as it stood at the start of chunk n. The two branches are combined with
+one shared denominator (`lola_jax.mixing`). When chunk n completes, the pairs of chunk n-1 and
+the old cache compete for the cache (`lola_jax.sparse_cache`), the losers are absorbed into
+(H, s), and chunk n becomes the window.
+
+Prefill walks the sequence chunk by chunk with `lax.scan`; every step is a few dense matmuls:
+the logits of C queries against the L + 2C keys of [cache; window; chunk], the linear read-out,
+the self-recall errors of the L + C candidates and one absorption matmul. Decode appends one
+token to the current chunk and runs the same cache update when the chunk completes, so scoring
+is paid once per chunk, not per token.
+
+Shapes: see the legend in `lola_jax.state`; G = Hq // Hkv query heads share each kv head.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from lola_jax import validation
+from lola_jax.config import LoLAConfig
+from lola_jax.mixing import mix_branches, softmax_branch
+from lola_jax.sparse_cache import Candidates, update_sparse_cache
+from lola_jax.state import LoLAState, init_state
+
+
+def _attend(config, q, phi_q, keys, values, key_mask, linear_h, linear_s, gate):
+  """LoLA outputs of a block of queries against the softmax set and the linear state.
+
+  Args:
+    q: [B, Hkv, G, Tq, dk]  phi_q: [B, Hkv, G, Tq, D]
+    keys: [B, Hkv, Tk, dk]  values: [B, Hkv, Tk, dv]
+    key_mask: bool, broadcastable to [B, Hkv, Tq, Tk]: key i is in query t's softmax set.
+    linear_h: [B, Hkv, D, dv] float32  linear_s: [B, Hkv, D] float32
+    gate: [Hkv, G] float32 in (0, 1).
+
+  Returns:
+    [B, Hkv, G, Tq, dv] float32.
+  """
+  scale = config.scale(q.shape[-1])
+  logits = jnp.einsum("bhgqd,bhkd->bhgqk", q, keys, preferred_element_type=jnp.float32) * scale
+  m, s, n = softmax_branch(logits, key_mask[:, :, None], values[:, :, None])
+  phi_q = phi_q.astype(jnp.float32)
+  lin_num = jnp.einsum("bhgqf,bhfe->bhgqe", phi_q, linear_h)
+  lin_den = jnp.einsum("bhgqf,bhf->bhgq", phi_q, linear_s)
+  return mix_branches(m, s, n, lin_num, lin_den, gate[None, :, :, None], config.mix)
+
+
+def _group_queries(x, num_kv_heads):
+  """[B, T, Hq, d] -> [B, Hkv, G, T, d]."""
+  b, t, hq, d = x.shape
+  x = x.reshape(b, t, num_kv_heads, hq // num_kv_heads, d)
+  return x.transpose(0, 2, 3, 1, 4)
+
+
+def _ungroup(y):
+  """[B, Hkv, G, T, dv] -> [B, T, Hq, dv]."""
+  b, h, g, t, d = y.shape
+  return y.transpose(0, 3, 1, 2, 4).reshape(b, t, h * g, d)
+
+
+def _end_of_chunk(config, state_cache: Candidates, window: Candidates, linear_h, linear_s):
+  """Cache update when a chunk completes: candidates are the old cache + the leaving window."""
+  cand = jax.tree_util.tree_map(
+    lambda a, b: jnp.concatenate([a, b], axis=-2 if a.ndim == 4 else -1), state_cache, window
+  )
+  return update_sparse_cache(config, cand, linear_h, linear_s)
+
+
+def _select(pred, new, old):
+  """Per-row choice between two pytrees; pred [B] broadcasts over trailing axes."""
+
+  def pick(a, b):
+    p = pred.reshape(pred.shape + (1,) * (a.ndim - pred.ndim))
+    return jnp.where(p, a, b)
+
+  return jax.tree_util.tree_map(pick, new, old)
+
+
+def _window_candidates(k, v, phi_k, has_window, start):
+  """The window as cache candidates. k/v/phi_k: [B, Hkv, C, .]; has_window, start: [B]."""
+  c = k.shape[-2]
+  pos = start[:, None] + jnp.arange(c, dtype=jnp.int32)
+  pos = jnp.where(has_window[:, None], pos, -1)
+  pos = jnp.broadcast_to(pos[:, None, :], k.shape[:-1])
+  return Candidates(k=k, v=v, phi_k=phi_k, positions=pos)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def lola_prefill(q, k, v, phi_q, phi_k, gate, *, config: LoLAConfig, state=None, lengths=None):
+  """Runs LoLA attention over a block of tokens, continuing from `state`.
+
+  Args:
+    q: [B, T, Hq, dk] queries.  k: [B, T, Hkv, dk] keys.  v: [B, T, Hkv, dv] values.
+    phi_q: [B, T, Hq, D] feature-mapped queries.  phi_k: [B, T, Hkv, D] feature-mapped keys.
+    gate: [Hq] mixing gate g in (0, 1).
+    config: static LoLAConfig.
+    state: a LoLAState to continue from (any number of tokens already seen per row), or None to
+      start fresh.
+    lengths: [B] int, tokens t >= lengths[b] are right padding: they are ignored, their outputs
+      are zero and they leave the state untouched. None means all T tokens are real.
+
+  Returns:
+    y: [B, T, Hq, dv] in q.dtype, and the state after the real tokens.
+  """
+  fn = "lola_prefill"
+  sizes = validation.check_attention_inputs(fn, q, k, v, phi_q, phi_k, gate, has_time=True)
+  b, t, hq, hkv, c = sizes["B"], sizes["T"], sizes["Hq"], sizes["Hkv"], config.chunk_size
+  fresh = state is None
+  if fresh:
+    state = init_state(
+      config,
+      batch=b,
+      num_kv_heads=hkv,
+      key_dim=sizes["dk"],
+      value_dim=sizes["dv"],
+      feature_dim=sizes["D"],
+      dtype=k.dtype,
+    )
+  else:
+    validation.check_state(fn, state, config, sizes)
+  if lengths is None:
+    lengths = jnp.full((b,), t, jnp.int32)
+  else:
+    validation.check_lengths(fn, lengths, b, t)
+    lengths = lengths.astype(jnp.int32)
+  store = state.cache_k.dtype
+
+  # Lay the new tokens on the chunk grid: padded slot p of row b is position
+  # first_chunk[b] * C + p; the first r[b] slots are the tokens already buffered in the state.
+  r = state.num_tokens % c
+  first_chunk = state.num_tokens // c
+  num_chunks = -(-t // c) if fresh else -(-(t + c - 1) // c)
+  padded_len = num_chunks * c
+
+  def lay_out(x, buffered):
+    """[B, T, H, d] -> [B, P, H, d] with the buffered chunk tokens [B, H, C, d] in front."""
+    out = jnp.zeros((b, padded_len) + x.shape[2:], x.dtype)
+    if fresh:
+      return out.at[:, :t].set(x)
+    if buffered is not None:
+      out = out.at[:, :c].set(buffered.transpose(0, 2, 1, 3).astype(x.dtype))
+    place = lambda o, xi, ri: jax.lax.dynamic_update_slice_in_dim(o, xi, ri, axis=0)
+    return jax.vmap(place)(out, x, r)
+
+  qp = lay_out(q, None)
+  phi_qp = lay_out(phi_q, None)
+  kp = lay_out(k.astype(store), state.chunk_k)
+  vp = lay_out(v.astype(store), state.chunk_v)
+  phi_kp = lay_out(phi_k.astype(store), state.chunk_phi_k)
+  slot = jnp.arange(padded_len, dtype=jnp.int32)
+  real = slot[None, :] < (r + lengths)[:, None]  # [B, P]
+
+  def blocks(x):  # [B, P, ...] -> [N, B, C, ...]
+    x = x.reshape((b, num_chunks, c) + x.shape[2:])
+    return jnp.moveaxis(x, 1, 0)
+
+  def heads_first(x):  # [B, C, H, d] -> [B, H, C, d]
+    return x.transpose(0, 2, 1, 3)
+
+  gate_g = gate.astype(jnp.float32).reshape(hkv, hq // hkv)
+  causal = jnp.tril(jnp.ones((c, c), bool))
+
+  def step(carry, xs):
+    cache, win_k, win_v, win_phi, has_window, lin_h, lin_s = carry
+    qb, phi_qb, kb, vb, phi_kb, real_b, chunk_idx = xs
+    kb, vb, phi_kb = heads_first(kb), heads_first(vb), heads_first(phi_kb)
+    keys = jnp.concatenate([cache.k, win_k, kb], axis=-2)
+    values = jnp.concatenate([cache.v, win_v, vb], axis=-2)
+    mask_cache = jnp.broadcast_to(cache.valid[:, :, None, :], (b, hkv, c, cache.k.shape[-2]))
+    mask_win = jnp.broadcast_to(has_window[:, None, None, None], (b, hkv, c, c))
+    mask_chunk = jnp.broadcast_to((causal[None] & real_b[:, None, :])[:, None], (b, hkv, c, c))
+    mask = jnp.concatenate([mask_cache, mask_win, mask_chunk], axis=-1)
+    y = _attend(
+      config,
+      _group_queries(qb, hkv),
+      _group_queries(phi_qb, hkv),
+      keys,
+      values,
+      mask,
+      lin_h,
+      lin_s,
+      gate_g,
+    )
+    # End of chunk: the old window competes for the cache, this chunk becomes the window.
+    complete = real_b[:, -1]
+    window = _window_candidates(win_k, win_v, win_phi, has_window, (chunk_idx - 1) * c)
+    new_cache, new_h, new_s = _end_of_chunk(config, cache, window, lin_h, lin_s)
+    updated = (new_cache, kb, vb, phi_kb, jnp.ones_like(has_window), new_h, new_s)
+    carry = _select(complete, updated, carry)
+    return carry, _ungroup(y)
+
+  cache0 = Candidates(
+    k=state.cache_k, v=state.cache_v, phi_k=state.cache_phi_k, positions=state.cache_positions
+  )
+  carry0 = (
+    cache0,
+    state.window_k,
+    state.window_v,
+    state.window_phi_k,
+    state.num_tokens >= c,
+    state.linear_h,
+    state.linear_s,
+  )
+  chunk_ids = first_chunk[None, :] + jnp.arange(num_chunks, dtype=jnp.int32)[:, None]  # [N, B]
+  xs = (blocks(qp), blocks(phi_qp), blocks(kp), blocks(vp), blocks(phi_kp), blocks(real), chunk_ids)
+  carry, ys = jax.lax.scan(step, carry0, xs)
+  cache, win_k, win_v, win_phi, _, lin_h, lin_s = carry
+
+  # Outputs: back to [B, P, Hq, dv], then the T new slots of each row.
+  y = jnp.moveaxis(ys, 0, 1).reshape(b, padded_len, hq, -1)
+  if not fresh:
+    y = jax.vmap(lambda yi, ri: jax.lax.dynamic_slice_in_dim(yi, ri, t, axis=0))(y, r)
+  else:
+    y = y[:, :t]
+  y = jnp.where((jnp.arange(t)[None, :] < lengths[:, None])[:, :, None, None], y, 0.0)
+
+  # The current (incomplete) chunk: the block holding position num_tokens, first r' slots.
+  num_tokens = state.num_tokens + lengths
+  last_block = jnp.clip(num_tokens // c - first_chunk, 0, num_chunks - 1)
+  r_new = num_tokens % c
+
+  def current_chunk(x):  # [B, P, Hkv, d] -> [B, Hkv, C, d]
+    x = x.reshape((b, num_chunks, c) + x.shape[2:])
+    x = jnp.take_along_axis(x, last_block[:, None, None, None, None], axis=1)[:, 0]
+    keep = jnp.arange(c)[None, :] < r_new[:, None]
+    return heads_first(jnp.where(keep[:, :, None, None], x, jnp.zeros((), x.dtype)))
+
+  new_state = LoLAState(
+    cache_k=cache.k,
+    cache_v=cache.v,
+    cache_phi_k=cache.phi_k,
+    cache_positions=cache.positions,
+    window_k=win_k,
+    window_v=win_v,
+    window_phi_k=win_phi,
+    chunk_k=current_chunk(kp),
+    chunk_v=current_chunk(vp),
+    chunk_phi_k=current_chunk(phi_kp),
+    linear_h=lin_h,
+    linear_s=lin_s,
+    num_tokens=num_tokens,
+  )
+  return y.astype(q.dtype), new_state
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def lola_decode(q, k, v, phi_q, phi_k, gate, *, config: LoLAConfig, state: LoLAState):
+  """Appends one token per row and returns its LoLA output.
+
+  Args:
+    q: [B, Hq, dk]  k: [B, Hkv, dk]  v: [B, Hkv, dv]  phi_q: [B, Hq, D]  phi_k: [B, Hkv, D]
+    gate: [Hq] in (0, 1).  config: static LoLAConfig.  state: the LoLAState so far (rows may
+      have seen different numbers of tokens).
+
+  Returns:
+    y: [B, Hq, dv] in q.dtype, and the updated state. When a row's token completes its chunk,
+    the sparse cache update runs (once per chunk, for all rows that complete together).
+  """
+  fn = "lola_decode"
+  sizes = validation.check_attention_inputs(fn, q, k, v, phi_q, phi_k, gate, has_time=False)
+  validation.check_state(fn, state, config, sizes)
+  b, hq, hkv, c = sizes["B"], sizes["Hq"], sizes["Hkv"], config.chunk_size
+  store = state.cache_k.dtype
+  r = state.num_tokens % c
+  slot = jnp.arange(c)[None, :] == r[:, None]  # [B, C]
+
+  def write(buf, x):  # buf [B, Hkv, C, d], x [B, Hkv, d]
+    return jnp.where(slot[:, None, :, None], x[:, :, None, :].astype(store), buf)
+
+  chunk_k, chunk_v, chunk_phi = (
+    write(state.chunk_k, k),
+    write(state.chunk_v, v),
+    write(state.chunk_phi_k, phi_k),
+  )
+  keys = jnp.concatenate([state.cache_k, state.window_k, chunk_k], axis=-2)
+  values = jnp.concatenate([state.cache_v, state.window_v, chunk_v], axis=-2)
+  has_window = state.num_tokens >= c
+  mask = jnp.concatenate(
+    [
+      state.cache_valid,
+      jnp.broadcast_to(has_window[:, None, None], (b, hkv, c)),
+      jnp.broadcast_to((jnp.arange(c)[None, :] <= r[:, None])[:, None, :], (b, hkv, c)),
+    ],
+    axis=-1,
+  )[:, :, None, :]
+  gate_g = gate.astype(jnp.float32).reshape(hkv, hq // hkv)
+  y = _attend(
+    config,
+    _group_queries(q[:, None], hkv),
+    _group_queries(phi_q[:, None], hkv),
+    keys,
+    values,
+    mask,
+    state.linear_h,
+    state.linear_s,
+    gate_g,
+  )
+  y = _ungroup(y)[:, 0]
+
+  num_tokens = state.num_tokens + 1
+  complete = r == c - 1
+  written = LoLAState(
+    cache_k=state.cache_k,
+    cache_v=state.cache_v,
+    cache_phi_k=state.cache_phi_k,
+    cache_positions=state.cache_positions,
+    window_k=state.window_k,
+    window_v=state.window_v,
+    window_phi_k=state.window_phi_k,
+    chunk_k=chunk_k,
+    chunk_v=chunk_v,
+    chunk_phi_k=chunk_phi,
+    linear_h=state.linear_h,
+    linear_s=state.linear_s,
+    num_tokens=num_tokens,
+  )
+
+  def roll_chunk(st: LoLAState) -> LoLAState:
+    cache = Candidates(st.cache_k, st.cache_v, st.cache_phi_k, st.cache_positions)
+    window = _window_candidates(
+      st.window_k, st.window_v, st.window_phi_k, has_window, (num_tokens // c - 2) * c
+    )
+    cache, lin_h, lin_s = _end_of_chunk(config, cache, window, st.linear_h, st.linear_s)
+    rolled = LoLAState(
+      cache_k=cache.k,
+      cache_v=cache.v,
+      cache_phi_k=cache.phi_k,
+      cache_positions=cache.positions,
+      window_k=st.chunk_k,
+      window_v=st.chunk_v,
+      window_phi_k=st.chunk_phi_k,
+      chunk_k=jnp.zeros_like(st.chunk_k),
+      chunk_v=jnp.zeros_like(st.chunk_v),
+      chunk_phi_k=jnp.zeros_like(st.chunk_phi_k),
+      linear_h=lin_h,
+      linear_s=lin_s,
+      num_tokens=st.num_tokens,
+    )
+    return _select(complete, rolled, st)
+
+  new_state = jax.lax.cond(jnp.any(complete), roll_chunk, lambda st: st, written)
+  return y.astype(q.dtype), new_state

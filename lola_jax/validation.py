@@ -1,0 +1,108 @@
+"""Input checks shared by the public entry points: every error names the argument."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from lola_jax.config import LoLAConfig
+from lola_jax.state import LoLAState
+
+
+def _shape_str(shape) -> str:
+  return "[" + ",".join(str(d) for d in shape) + "]"
+
+
+def check_float(fn: str, name: str, x) -> None:
+  dtype = getattr(x, "dtype", None)
+  if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+    raise ValueError(
+      f"{fn}: {name} must be a floating-point array, got "
+      f"{type(x).__name__ if dtype is None else dtype}"
+    )
+
+
+def check_attention_inputs(fn, q, k, v, phi_q, phi_k, gate, *, has_time: bool) -> dict:
+  """Validates ranks, dtypes and the consistency of sizes; returns the sizes by letter."""
+  names = ("q", "k", "v", "phi_q", "phi_k", "gate")
+  for name, x in zip(names, (q, k, v, phi_q, phi_k, gate), strict=True):
+    check_float(fn, name, x)
+  lead = "B,T" if has_time else "B"
+  legend = {
+    "q": f"[{lead},Hq,dk]",
+    "k": f"[{lead},Hkv,dk]",
+    "v": f"[{lead},Hkv,dv]",
+    "phi_q": f"[{lead},Hq,D]",
+    "phi_k": f"[{lead},Hkv,D]",
+  }
+  rank = 4 if has_time else 3
+  for name, x in zip(names[:5], (q, k, v, phi_q, phi_k), strict=True):
+    if x.ndim != rank:
+      raise ValueError(f"{fn}: {name} must have shape {legend[name]}, got {_shape_str(x.shape)}")
+  sizes: dict = {}
+
+  shapes = dict(zip(names, (q, k, v, phi_q, phi_k), strict=False))
+
+  def bind(letter, value, name):
+    if letter in sizes and sizes[letter][0] != value:
+      prev_value, prev_name = sizes[letter]
+      raise ValueError(
+        f"{fn}: {name} has shape {_shape_str(shapes[name].shape)}, expected {legend[name]} with "
+        f"{letter}={prev_value} as in {prev_name} ({_shape_str(shapes[prev_name].shape)})"
+      )
+    sizes.setdefault(letter, (value, name))
+
+  for name, x in zip(names[:5], (q, k, v, phi_q, phi_k), strict=True):
+    letters = legend[name][1:-1].split(",")
+    for letter, dim in zip(letters, x.shape, strict=True):
+      bind(letter, dim, name)
+  out = {letter: value for letter, (value, _) in sizes.items()}
+  if out["Hq"] % out["Hkv"] != 0:
+    raise ValueError(
+      f"{fn}: the number of query heads (q: Hq={out['Hq']}) must be a multiple of the number of "
+      f"key/value heads (k: Hkv={out['Hkv']})"
+    )
+  if gate.shape != (out["Hq"],):
+    raise ValueError(f"{fn}: gate must have shape [Hq]=[{out['Hq']}], got {_shape_str(gate.shape)}")
+  if has_time and out["T"] < 1:
+    raise ValueError(f"{fn}: q must hold at least one token (T >= 1), got T={out['T']}")
+  return out
+
+
+def check_state(fn: str, state, config: LoLAConfig, sizes: dict) -> None:
+  """The state must have been built for this config and these sizes."""
+  if not isinstance(state, LoLAState):
+    raise ValueError(f"{fn}: state must be a LoLAState or None, got {type(state).__name__}")
+  expected = {
+    "batch": sizes["B"],
+    "num_kv_heads": sizes["Hkv"],
+    "key_dim": sizes["dk"],
+    "value_dim": sizes["dv"],
+    "feature_dim": sizes["D"],
+    "cache_size": config.cache_size,
+    "chunk_size": config.chunk_size,
+  }
+  for attr, want in expected.items():
+    got = getattr(state, attr)
+    if got != want:
+      raise ValueError(
+        f"{fn}: state was built for {attr}={got} but the inputs/config need {attr}={want} "
+        f"(state.cache_k has shape {_shape_str(state.cache_k.shape)}, state.window_k "
+        f"{_shape_str(state.window_k.shape)}, state.linear_h {_shape_str(state.linear_h.shape)})"
+      )
+
+
+def check_lengths(fn: str, lengths, batch: int, time: int) -> None:
+  dtype = getattr(lengths, "dtype", None)
+  if dtype is None or not jnp.issubdtype(dtype, jnp.integer):
+    raise ValueError(f"{fn}: lengths must be an integer array of shape [B]=[{batch}], got {dtype}")
+  if lengths.shape != (batch,):
+    raise ValueError(
+      f"{fn}: lengths must have shape [B]=[{batch}], got {_shape_str(lengths.shape)}"
+    )
+  try:
+    concrete = np.asarray(lengths)
+  except Exception:  # A tracer: values are only known at run time.
+    return
+  if concrete.min() < 0 or concrete.max() > time:
+    raise ValueError(f"{fn}: lengths must lie in [0, T={time}], got {concrete.tolist()}")
