@@ -1,0 +1,6 @@
+"""Pallas kernels for LoLA: chunked linear attention, the fused hybrid and the fused chunk step."""
+
+from pallas_kernels.common import BlockSizes
+from pallas_kernels.linear_attention import linear_attention
+
+__all__ = ["BlockSizes", "linear_attention"]
