@@ -1,0 +1,322 @@
+"""The fused hybrid (LoLA with an empty cache) as one Pallas kernel, forward and backward.
+
+Semantics: `pallas_kernels.hybrid_xla` (terraced window of chunk n-1 plus the causal part of chunk
+n with exact softmax, linear state over chunks <= n-2, gated mix in log space or lolcats mix).
+
+Forward, one program per (batch row, query head), walking the chunks with the linear state (H, s)
+resident: for chunk n the [C, 2C] window logits, the softmax statistics (m, S, N), the read-out
+a = phi_q H, z = phi_q s, the mix y = (w_s N + w_l a) / (w_s S + w_l z), then H, s absorb chunk
+n-1. Saved per row: L = m - log w_s + log den (so the normalised softmax weight of key i is
+P_i = e^{l_i - L}) and rho = w_l / den (the weight of the linear read-out: y = P V + rho a).
+
+Backward, with delta = dy . y:
+
+    dl_i = P_i (dy . v_i - delta)         (lolcats adds -[i = argmax] sum_j dl_j through m)
+    dq = scale dl K_w        dK_w = scale dl^T q        dV_w = P^T dy
+    dphi_q = rho dy H^T - rho delta s^T                  (forward walk, H before the chunk)
+    dH_n = phi_q^T (rho dy),  ds_n = -phi_q^T (rho delta); chunk j's phi_k, v receive
+    R_j = sum_{n >= j+2} dH_n:  dphi_k_j = v_j R_j^T + 1 r_j^T,  dv_j += phi_k_j R_j  (reverse walk)
+    dg_t = sum_i dl_i / (g (1-g)) (gated)   or   sum_i dl_i / g (lolcats, before the max term).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels import common
+from pallas_kernels.hybrid_xla import NEG, TINY, hybrid_attention_xla
+from pallas_kernels.linear_attention import _dot, _specs
+
+F32 = jnp.float32
+
+
+def _window(i, c, q_ref, k_ref, v_ref, scale):
+  """Scaled logits of chunk i's queries against chunks i-1 (lp) and i (lc) and their masks."""
+  cur = pl.ds(pl.multiple_of(i * c, c), c)
+  prv = pl.ds(pl.multiple_of(jnp.maximum(i - 1, 0) * c, c), c)
+  q = q_ref[cur, :].astype(F32)
+  kp, kc = k_ref[prv, :].astype(F32), k_ref[cur, :].astype(F32)
+  vp, vc = v_ref[prv, :].astype(F32), v_ref[cur, :].astype(F32)
+  row = jax.lax.broadcasted_iota(jnp.int32, (c, c), 0)
+  col = jax.lax.broadcasted_iota(jnp.int32, (c, c), 1)
+  okp = jnp.broadcast_to(i > 0, (c, c))
+  okc = row >= col
+  lp = jnp.where(okp, _dot(q, kp, tb=True) * scale, NEG)
+  lc = jnp.where(okc, _dot(q, kc, tb=True) * scale, NEG)
+  return cur, prv, q, kp, kc, vp, vc, lp, lc, okp, okc
+
+
+def _fwd_kernel(
+  q_ref, k_ref, v_ref, pq_ref, pk_ref, lg_ref, lg1_ref, y_ref, lse_ref, rho_ref,
+  *, c, n, scale, mix,
+):  # fmt: skip
+  lg, lg1 = lg_ref[...], lg1_ref[...]  # [1, 1] log g, log(1-g)
+
+  def body(i, carry):
+    h, s = carry
+    cur, prv, q, kp, kc, vp, vc, lp, lc, okp, okc = _window(i, c, q_ref, k_ref, v_ref, scale)
+    m = jnp.maximum(jnp.max(lp, axis=1, keepdims=True), jnp.max(lc, axis=1, keepdims=True))
+    pp = jnp.where(okp, jnp.exp(lp - m), 0.0)
+    pc = jnp.where(okc, jnp.exp(lc - m), 0.0)
+    s_soft = jnp.sum(pp, axis=1, keepdims=True) + jnp.sum(pc, axis=1, keepdims=True)
+    n_soft = _dot(pp, vp) + _dot(pc, vc)
+    pq = pq_ref[cur, :].astype(F32)
+    a = _dot(pq, h)
+    z = jnp.sum(pq * s, axis=1, keepdims=True)
+    if mix == "gated":
+      log_ws = lg + m
+      top = jnp.maximum(log_ws, lg1 + jnp.log(jnp.maximum(jnp.abs(z), TINY)))
+      w_s, w_l = jnp.exp(log_ws - top), jnp.exp(lg1 - top)
+    else:
+      w_s, w_l = jnp.exp(lg) + 0.0 * m, jnp.ones_like(m)
+    den = w_s * s_soft + w_l * z
+    den = jnp.where(den == 0, 1.0, den)
+    y_ref[cur, :] = (w_s * n_soft + w_l * a) / den
+    lse_ref[cur, :] = m - jnp.log(w_s) + jnp.log(den)
+    rho_ref[cur, :] = w_l / den
+    # Chunk n-1 leaves the window: absorb it (nothing to absorb at n = 0).
+    keep = (i > 0).astype(F32)
+    pk = pk_ref[prv, :].astype(F32) * keep
+    return h + _dot(pk, vp, ta=True), s + jnp.sum(pk, axis=0, keepdims=True)
+
+  d, dv = pq_ref.shape[1], v_ref.shape[1]
+  jax.lax.fori_loop(0, n, body, (jnp.zeros((d, dv), F32), jnp.zeros((1, d), F32)))
+
+
+def _bwd_kernel(
+  q_ref, k_ref, v_ref, pq_ref, pk_ref, lg_ref, lg1_ref, dy_ref, y_ref, lse_ref, rho_ref,
+  dq_ref, dk_ref, dv_ref, dpq_ref, dpk_ref, dg_ref, *, c, n, scale, mix,
+):  # fmt: skip
+  lg, lg1 = lg_ref[...], lg1_ref[...]
+  d, dvd = pq_ref.shape[1], v_ref.shape[1]
+
+  def fwd_body(i, carry):
+    h, s = carry
+    cur, prv, q, kp, kc, vp, vc, lp, lc, okp, okc = _window(i, c, q_ref, k_ref, v_ref, scale)
+    dy, y = dy_ref[cur, :].astype(F32), y_ref[cur, :]
+    lse, rho = lse_ref[cur, :], rho_ref[cur, :]
+    delta = jnp.sum(dy * y, axis=1, keepdims=True)
+    pp = jnp.where(okp, jnp.exp(lp - lse), 0.0)
+    pc = jnp.where(okc, jnp.exp(lc - lse), 0.0)
+    dlp = pp * (_dot(dy, vp, tb=True) - delta)
+    dlc = pc * (_dot(dy, vc, tb=True) - delta)
+    tot = jnp.sum(dlp, axis=1, keepdims=True) + jnp.sum(dlc, axis=1, keepdims=True)
+    if mix == "gated":
+      dg_ref[cur, :] = tot * jnp.exp(-lg - lg1)
+    else:
+      dg_ref[cur, :] = tot * jnp.exp(-lg)
+      m = jnp.maximum(jnp.max(lp, axis=1, keepdims=True), jnp.max(lc, axis=1, keepdims=True))
+      ip = jnp.where(okp & (lp == m), 1.0, 0.0)
+      ic = jnp.where(okc & (lc == m), 1.0, 0.0)
+      share = tot / (jnp.sum(ip, axis=1, keepdims=True) + jnp.sum(ic, axis=1, keepdims=True))
+      dlp, dlc = dlp - ip * share, dlc - ic * share
+    dq_ref[cur, :] = scale * (_dot(dlp, kp) + _dot(dlc, kc))
+    dk_ref[cur, :] = scale * _dot(dlc, q, ta=True)
+    dv_ref[cur, :] = _dot(pc, dy, ta=True)
+    dk_ref[prv, :] += scale * _dot(dlp, q, ta=True)  # zero at i = 0 (pp, dlp are masked)
+    dv_ref[prv, :] += _dot(pp, dy, ta=True)
+    dpq_ref[cur, :] = rho * (_dot(dy, h, tb=True) - delta * s)
+    keep = (i > 0).astype(F32)
+    pk = pk_ref[prv, :].astype(F32) * keep
+    return h + _dot(pk, vp, ta=True), s + jnp.sum(pk, axis=0, keepdims=True)
+
+  jax.lax.fori_loop(0, n, fwd_body, (jnp.zeros((d, dvd), F32), jnp.zeros((1, d), F32)))
+
+  def rev_body(jj, carry):
+    r, rs = carry  # cotangents of the state read by chunks >= j + 2
+    j = n - 1 - jj
+    cur = pl.ds(pl.multiple_of(j * c, c), c)
+    pk, v = pk_ref[cur, :].astype(F32), v_ref[cur, :].astype(F32)
+    dpk_ref[cur, :] = _dot(v, r, tb=True) + rs
+    dv_ref[cur, :] += _dot(pk, r)
+    # Add the state cotangent of chunk j + 1's queries for the next (earlier) chunk.
+    nxt = pl.ds(pl.multiple_of(jnp.minimum(j + 1, n - 1) * c, c), c)
+    keep = (j + 1 < n).astype(F32)
+    pq = pq_ref[nxt, :].astype(F32) * keep
+    dy, y, rho = dy_ref[nxt, :].astype(F32), y_ref[nxt, :], rho_ref[nxt, :]
+    delta = jnp.sum(dy * y, axis=1, keepdims=True)
+    return r + _dot(pq, rho * dy, ta=True), rs - jnp.sum(pq * (rho * delta), axis=0, keepdims=True)
+
+  jax.lax.fori_loop(0, n, rev_body, (jnp.zeros((d, dvd), F32), jnp.zeros((1, d), F32)))
+
+
+def _in_specs(group, tp, dk, dv, d):
+  return (
+    _specs(
+      group,
+      [("q", (tp, dk)), ("kv", (tp, dk)), ("kv", (tp, dv)), ("q", (tp, d)), ("kv", (tp, d))],
+    )
+    + [pl.BlockSpec((pl.squeezed, 1, 1), lambda b, h: (h, 0, 0))] * 2
+  )
+
+
+def _forward(q, k, v, pq, pk, lg, lg1, *, c, scale, mix, interpret):
+  b, hq, tp, dk = q.shape
+  hkv, dv, d = v.shape[1], v.shape[3], pq.shape[3]
+  return pl.pallas_call(
+    functools.partial(_fwd_kernel, c=c, n=tp // c, scale=scale, mix=mix),
+    out_shape=[
+      jax.ShapeDtypeStruct((b, hq, tp, dv), F32),
+      jax.ShapeDtypeStruct((b, hq, tp, 1), F32),
+      jax.ShapeDtypeStruct((b, hq, tp, 1), F32),
+    ],
+    grid=(b, hq),
+    in_specs=_in_specs(hq // hkv, tp, dk, dv, d),
+    out_specs=_specs(1, [("q", (tp, dv)), ("q", (tp, 1)), ("q", (tp, 1))]),
+    interpret=interpret,
+    name="lola_hybrid_fwd",
+  )(q, k, v, pq, pk, lg, lg1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def _hybrid_core(q, k, v, pq, pk, gate, c, scale, mix, interpret):
+  """q [B,Hq,Tp,dk] k [B,Hkv,Tp,dk] v [B,Hkv,Tp,dv] pq [B,Hq,Tp,D] pk [B,Hkv,Tp,D] gate [Hq]."""
+  return _hybrid_fwd(q, k, v, pq, pk, gate, c, scale, mix, interpret)[0]
+
+
+def _log_gates(gate):
+  g = gate.astype(F32).reshape(-1, 1, 1)
+  return jnp.log(g), jnp.log1p(-g)
+
+
+def _hybrid_fwd(q, k, v, pq, pk, gate, c, scale, mix, interpret):
+  lg, lg1 = _log_gates(gate)
+  y, lse, rho = _forward(q, k, v, pq, pk, lg, lg1, c=c, scale=scale, mix=mix, interpret=interpret)
+  return y, (q, k, v, pq, pk, gate, y, lse, rho)
+
+
+def _hybrid_bwd(c, scale, mix, interpret, res, dy):
+  q, k, v, pq, pk, gate, y, lse, rho = res
+  b, hq, tp, dk = q.shape
+  hkv, dv, d = v.shape[1], v.shape[3], pq.shape[3]
+  lg, lg1 = _log_gates(gate)
+  shapes = [(tp, dk), (tp, dk), (tp, dv), (tp, d), (tp, d), (tp, 1)]
+  dq, dk_, dv_, dpq, dpk, dg = pl.pallas_call(
+    functools.partial(_bwd_kernel, c=c, n=tp // c, scale=scale, mix=mix),
+    out_shape=[jax.ShapeDtypeStruct((b, hq) + s, F32) for s in shapes],
+    grid=(b, hq),
+    in_specs=_in_specs(hq // hkv, tp, dk, dv, d)
+    + _specs(1, [("q", (tp, dv)), ("q", (tp, dv)), ("q", (tp, 1)), ("q", (tp, 1))]),
+    out_specs=_specs(1, [("q", s) for s in shapes]),
+    interpret=interpret,
+    name="lola_hybrid_bwd",
+  )(q, k, v, pq, pk, lg, lg1, dy.astype(F32), y, lse, rho)
+  return (
+    dq.astype(q.dtype),
+    common.group_sum(dk_, hkv).astype(k.dtype),
+    common.group_sum(dv_, hkv).astype(v.dtype),
+    dpq.astype(pq.dtype),
+    common.group_sum(dpk, hkv).astype(pk.dtype),
+    dg.sum(axis=(0, 2, 3)).astype(gate.dtype),
+  )
+
+
+_hybrid_core.defvjp(_hybrid_fwd, _hybrid_bwd)
+
+
+def hybrid_attention_pallas(
+  q, k, v, phi_q, phi_k, gate, *, chunk_size, mix, softmax_scale, block_sizes=None, interpret=None
+):
+  """Pads (time to whole chunks, feature dims to the block sizes), runs the kernel, crops."""
+  bs = block_sizes or common.BlockSizes.get_default()
+  interpret = common.interpret_mode() if interpret is None else interpret
+  t, dk, dv, d = q.shape[1], q.shape[3], v.shape[3], phi_q.shape[3]
+  c = chunk_size
+  tp = -(-t // c) * c
+  scale = dk**-0.5 if softmax_scale is None else float(softmax_scale)
+  dkp, dvp = bs.pad_dim(dk, bs.key_multiple), bs.pad_dim(dv, bs.value_multiple)
+  dp = bs.pad_dim(d, bs.feature_multiple)
+  y = _hybrid_core(
+    common.to_heads(q, tp, dkp),
+    common.to_heads(k, tp, dkp),
+    common.to_heads(v, tp, dvp),
+    common.to_heads(phi_q, tp, dp),
+    common.to_heads(phi_k, tp, dp),
+    gate,
+    c,
+    scale,
+    mix,
+    interpret,
+  )
+  return common.from_heads(y, t, dv)
+
+
+def validate_hybrid_inputs(q, k, v, phi_q, phi_k, gate, chunk_size, mix, softmax_scale):
+  """Raises a ValueError naming the argument, what it got and the expected shape."""
+  common.check_rank("q", q, 4, "[B, T, Hq, dk]")
+  b, t, hq, dk = q.shape
+  common.check_rank("k", k, 4, "[B, T, Hkv, dk]")
+  hkv = k.shape[2]
+  common.check_shape("k", k, (b, t, hkv, dk), "[B, T, Hkv, dk]")
+  common.check_rank("v", v, 4, "[B, T, Hkv, dv]")
+  common.check_shape("v", v, (b, t, hkv, v.shape[3]), "[B, T, Hkv, dv]")
+  common.check_rank("phi_q", phi_q, 4, "[B, T, Hq, D]")
+  d = phi_q.shape[3]
+  common.check_shape("phi_q", phi_q, (b, t, hq, d), "[B, T, Hq, D]")
+  common.check_shape("phi_k", phi_k, (b, t, hkv, d), "[B, T, Hkv, D]")
+  common.check_shape("gate", gate, (hq,), "[Hq]")
+  if hkv < 1 or hq % hkv:
+    raise ValueError(f"q heads ({hq}) must be a multiple of k/v heads ({hkv})")
+  if t < 1:
+    raise ValueError(f"q must have T >= 1, got shape {q.shape}")
+  for name, x in (("q", q), ("k", k), ("v", v), ("phi_q", phi_q), ("phi_k", phi_k), ("gate", gate)):
+    common.check_float(name, x)
+  common.check_positive_int("chunk_size", chunk_size)
+  if mix not in ("gated", "lolcats"):
+    raise ValueError(f"mix must be 'gated' or 'lolcats', got {mix!r}")
+  if softmax_scale is not None and not (
+    isinstance(softmax_scale, (int, float)) and softmax_scale > 0
+  ):
+    raise ValueError(f"softmax_scale must be None or a float > 0, got {softmax_scale!r}")
+
+
+@functools.partial(
+  jax.jit,
+  static_argnames=("chunk_size", "mix", "softmax_scale", "impl", "block_sizes", "interpret"),
+)
+def _dispatch(q, k, v, phi_q, phi_k, gate, chunk_size, mix, softmax_scale, impl, block_sizes,
+              interpret):  # fmt: skip
+  if impl == "pallas":
+    y = hybrid_attention_pallas(
+      q, k, v, phi_q, phi_k, gate, chunk_size=chunk_size, mix=mix, softmax_scale=softmax_scale,
+      block_sizes=block_sizes, interpret=interpret,
+    )  # fmt: skip
+  else:
+    y = hybrid_attention_xla(
+      q, k, v, phi_q, phi_k, gate, chunk_size=chunk_size, mix_name=mix,
+      softmax_scale=softmax_scale,
+    )  # fmt: skip
+  return y.astype(q.dtype)
+
+
+def hybrid_attention(
+  q,  # [B, T, Hq, dk]
+  k,  # [B, T, Hkv, dk]
+  v,  # [B, T, Hkv, dv]
+  phi_q,  # [B, T, Hq, D]
+  phi_k,  # [B, T, Hkv, D]
+  gate,  # [Hq] in (0, 1)
+  *,
+  chunk_size: int = 64,
+  mix: str = "gated",
+  softmax_scale: float | None = None,
+  implementation: str | None = None,
+  block_sizes: common.BlockSizes | None = None,
+  interpret=None,
+):
+  """LoLA with an empty sparse cache (terraced window + linear attention): y [B, T, Hq, dv].
+
+  Equals `lola_jax.lola_prefill(..., config=LoLAConfig(cache_size=0, chunk_size, mix))` from a
+  fresh state (equations in the module docstrings of this file and `hybrid_xla`). Differentiable
+  in q, k, v, phi_q, phi_k and gate. implementation: None = "pallas" on TPU/GPU, "xla" on CPU;
+  "reference" is the XLA form as well (the float64 reference lives in `lola_jax.lola_reference`).
+  """
+  validate_hybrid_inputs(q, k, v, phi_q, phi_k, gate, chunk_size, mix, softmax_scale)
+  impl = common.resolve_implementation(implementation)
+  return _dispatch(
+    q, k, v, phi_q, phi_k, gate, chunk_size, mix, softmax_scale, impl, block_sizes, interpret
+  )
