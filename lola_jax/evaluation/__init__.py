@@ -1,0 +1,33 @@
+"""Evaluation: state-size accounting, recall harness (pass-key, needle, MQAR), plots, reports."""
+
+from lola_jax.evaluation.memory import (
+  equal_memory_chunk,
+  full_kv_bytes,
+  lola_state_bytes,
+  model_state_bytes,
+)
+from lola_jax.evaluation.recall import (
+  Cell,
+  Progress,
+  accuracy_by_context,
+  evaluate_mqar,
+  evaluate_retrieval,
+  exact_match,
+  model_generate,
+  model_predict,
+)
+
+__all__ = [
+  "Cell",
+  "Progress",
+  "accuracy_by_context",
+  "equal_memory_chunk",
+  "evaluate_mqar",
+  "evaluate_retrieval",
+  "exact_match",
+  "full_kv_bytes",
+  "lola_state_bytes",
+  "model_generate",
+  "model_predict",
+  "model_state_bytes",
+]

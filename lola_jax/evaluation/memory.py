@@ -1,0 +1,133 @@
+"""State-size accounting in bytes: what a model must keep in memory to continue a sequence.
+
+Everything is counted per layer and per key/value head (GQA-aware: a kv head is stored once, not
+once per query head), for one sequence (batch row):
+
+  full KV cache (softmax):   T * (dk + dv) * kv_bytes
+  LoLA / hybrid (LoLAState):
+    window      2C * (dk + dv + D) * kv_bytes     previous chunk + current-chunk buffer, with the
+                                                   feature-mapped keys our state keeps
+    sparse cache lam * (dk + dv + D) * kv_bytes    keys, values, cached phi(k)
+                + lam * 4                          int32 positions
+    linear state (D * dv + D) * 4                  H and s, always float32
+  plus 4 bytes per layer for the token count.
+
+Capacities are counted (a state's arrays have fixed size), so the LoLA numbers do not depend on T;
+the full KV cache grows with T. `LoLAState.nbytes()` of an allocated state equals
+`lola_state_bytes` (the tests check it), so nothing is left out.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _itemsize(dtype) -> int:
+  return int(np.dtype(dtype).itemsize) if not isinstance(dtype, int) else dtype
+
+
+def full_kv_bytes(
+  context: int,
+  *,
+  num_layers: int,
+  num_kv_heads: int,
+  key_dim: int,
+  value_dim: int,
+  kv_dtype="float32",
+) -> int:
+  """Bytes of an exact KV cache holding `context` tokens (one row, all layers)."""
+  per_head = context * (key_dim + value_dim) * _itemsize(kv_dtype)
+  return num_layers * num_kv_heads * per_head
+
+
+def lola_state_bytes(
+  *,
+  num_layers: int,
+  num_kv_heads: int,
+  key_dim: int,
+  value_dim: int,
+  feature_dim: int,
+  chunk_size: int,
+  cache_size: int,
+  kv_dtype="float32",
+  window_features: bool = True,
+) -> int:
+  """Bytes of a LoLA state (one row, all layers); `cache_size=0` is the LoLCATs hybrid.
+
+  `window_features=False` drops the window's feature-mapped keys (a leaner implementation could
+  recompute them when a chunk leaves the window); the default counts what `LoLAState` holds.
+  """
+  kv = _itemsize(kv_dtype)
+  width = key_dim + value_dim
+  window = 2 * chunk_size * (width + (feature_dim if window_features else 0)) * kv
+  cache = cache_size * (width + feature_dim) * kv + cache_size * 4
+  linear = (feature_dim * value_dim + feature_dim) * 4
+  return num_layers * (num_kv_heads * (window + cache + linear) + 4)
+
+
+def equal_memory_chunk(
+  *,
+  chunk_size: int,
+  cache_size: int,
+  key_dim: int,
+  value_dim: int,
+  feature_dim: int,
+  kv_dtype="float32",
+) -> int:
+  """The chunk (window) size C' whose cache-0 state is the closest to, but not above, LoLA's.
+
+  The window holds 2C' tokens, so C' ~ C + lam/2 (slightly less: the cache also stores positions).
+  """
+  target = lola_state_bytes(
+    num_layers=1,
+    num_kv_heads=1,
+    key_dim=key_dim,
+    value_dim=value_dim,
+    feature_dim=feature_dim,
+    chunk_size=chunk_size,
+    cache_size=cache_size,
+    kv_dtype=kv_dtype,
+  )
+  wide = chunk_size
+  while (
+    lola_state_bytes(
+      num_layers=1,
+      num_kv_heads=1,
+      key_dim=key_dim,
+      value_dim=value_dim,
+      feature_dim=feature_dim,
+      chunk_size=wide + 1,
+      cache_size=0,
+      kv_dtype=kv_dtype,
+    )
+    <= target
+  ):
+    wide += 1
+  return wide
+
+
+def model_state_bytes(config, context: int) -> int:
+  """Decode-state bytes of a `lola_jax.model.ModelConfig` after `context` tokens (one row).
+
+  softmax: the full KV cache of `context` tokens; hybrid / lola: the LoLA state (capacities);
+  linear: the linear state only.
+  """
+  common = {
+    "num_layers": config.num_layers,
+    "num_kv_heads": config.num_kv_heads,
+    "key_dim": config.head_dim,
+    "value_dim": config.head_dim,
+  }
+  if config.attention == "softmax":
+    return full_kv_bytes(context, kv_dtype=config.dtype, **common)
+  if config.attention == "linear":
+    d = config.phi_dim
+    return config.num_layers * config.num_kv_heads * (d * config.head_dim + d) * 4
+  lola = config.lola_config
+  return lola_state_bytes(
+    feature_dim=config.phi_dim,
+    chunk_size=lola.chunk_size,
+    cache_size=lola.cache_size,
+    kv_dtype=config.dtype,
+    **common,
+  )

@@ -1,0 +1,182 @@
+"""Recall evaluation: greedy decoding, exact-match scoring, per (depth, context) cells, MQAR.
+
+A model enters through two callables, so an oracle or a constant "model" can be scored too:
+
+  generate(prompts int32 [B, T], num_new: int) -> int32 [B, num_new]  greedy continuation
+  predict(inputs int32 [B, T]) -> int32 [B, T]  argmax next tokens
+
+`model_generate(model)` / `model_predict(model)` build them from a `lola_jax.model.LoLALM` through
+its `prefill` / `decode` (the state-carrying inference path, i.e. the sparse cache is exercised).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from lola_jax.data import get_task, retrieval_example
+
+Generate = Callable[[np.ndarray, int], np.ndarray]
+Predict = Callable[[np.ndarray], np.ndarray]
+
+
+def exact_match(generated, answer) -> bool:
+  """True when the first len(answer) generated tokens equal the answer tokens."""
+  generated, answer = np.asarray(generated).reshape(-1), np.asarray(answer).reshape(-1)
+  return len(generated) >= len(answer) and bool(np.array_equal(generated[: len(answer)], answer))
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+  """Accuracy of one (task, context, depth) cell over `num` prompts."""
+
+  task: str
+  context: int
+  depth: float
+  correct: int
+  num: int
+
+  @property
+  def accuracy(self) -> float:
+    return self.correct / self.num if self.num else 0.0
+
+
+class Progress:
+  """Progress lines on stderr: `[label] i/n (elapsed, eta)` at most every `every` seconds."""
+
+  def __init__(self, label: str, total: int, every: float = 5.0, stream=None):
+    self.label, self.total, self.every = label, total, every
+    self.stream = stream or sys.stderr
+    self.start = self.last = time.time()
+    self.done = 0
+
+  def update(self, n: int = 1, note: str = ""):
+    self.done += n
+    now = time.time()
+    if now - self.last >= self.every or self.done >= self.total:
+      self.last = now
+      el = now - self.start
+      eta = el / self.done * (self.total - self.done) if self.done else float("nan")
+      print(
+        f"[{self.label}] {self.done}/{self.total} {note} ({el:.0f}s elapsed, eta {eta:.0f}s)",
+        file=self.stream,
+        flush=True,
+      )
+
+
+def evaluate_retrieval(
+  generate: Generate,
+  task: str,
+  contexts: Sequence[int],
+  depths: Sequence[float],
+  samples: int,
+  *,
+  seed: int = 0,
+  batch_size: int = 8,
+  label: str = "",
+  **task_options,
+) -> list[Cell]:
+  """Greedy exact-match accuracy of `generate` on `task` ("passkey" | "niah") per cell.
+
+  For each context length, `len(depths) * samples` prompts (all exactly `context` tokens, so they
+  batch without padding) are decoded for len(answer) tokens and scored by exact match.
+  """
+  cells = []
+  progress = Progress(f"{label or 'eval'} {task}", len(contexts) * len(depths) * samples)
+  for context in contexts:
+    examples = [
+      retrieval_example(task, context, d, seed, i, **task_options)
+      for d in depths
+      for i in range(samples)
+    ]
+    num_new = max(len(e.answer_ids) for e in examples)
+    hits = []
+    for s in range(0, len(examples), batch_size):
+      chunk = examples[s : s + batch_size]
+      out = np.asarray(generate(np.stack([e.prompt_ids for e in chunk]), num_new))
+      hits += [exact_match(o, e.answer_ids) for o, e in zip(out, chunk, strict=True)]
+      progress.update(len(chunk), f"context {context}")
+    for j, d in enumerate(depths):
+      h = hits[j * samples : (j + 1) * samples]
+      cells.append(Cell(task, int(context), float(d), int(sum(h)), len(h)))
+  return cells
+
+
+def accuracy_by_context(cells: Sequence[Cell]) -> dict[int, float]:
+  """Mean accuracy per context length (pooled over depths)."""
+  out = {}
+  for c in sorted({c.context for c in cells}):
+    sel = [x for x in cells if x.context == c]
+    out[c] = sum(x.correct for x in sel) / max(1, sum(x.num for x in sel))
+  return out
+
+
+def evaluate_mqar(
+  predict: Predict,
+  num_pairs: Sequence[int],
+  seq_len: int,
+  samples: int,
+  *,
+  seed: int = 0,
+  batch_size: int = 16,
+  label: str = "",
+) -> dict[int, float]:
+  """Teacher-forced MQAR accuracy (argmax at every query position) per number of pairs."""
+  out = {}
+  progress = Progress(f"{label or 'eval'} mqar", len(num_pairs) * samples)
+  for n in num_pairs:
+    task = get_task("mqar", seq_len=seq_len, seed=seed + 1000, num_pairs=int(n))
+    correct = total = 0
+    for step, s in enumerate(range(0, samples, batch_size)):
+      b = task.batch(step, min(batch_size, samples - s))
+      pred = np.asarray(predict(b["inputs"]))
+      mask = b["weights"] > 0
+      correct += int((pred[mask] == b["targets"][mask]).sum())
+      total += int(mask.sum())
+      progress.update(b["inputs"].shape[0], f"pairs {n}")
+    out[int(n)] = correct / total
+  return out
+
+
+def model_generate(model) -> Generate:
+  """Greedy generation through `model.prefill` then `model.decode` (one jit per shape)."""
+  import jax.numpy as jnp
+  from flax import nnx
+
+  @nnx.jit(static_argnames="max_len")
+  def prefill(m, tokens, max_len):
+    logits, states = m.prefill(tokens, max_len=max_len)
+    return jnp.argmax(logits[:, -1], -1).astype(jnp.int32), states
+
+  @nnx.jit
+  def decode(m, token, states):
+    logits, states = m.decode(token, states)
+    return jnp.argmax(logits, -1).astype(jnp.int32), states
+
+  def generate(prompts, num_new):
+    prompts = jnp.asarray(prompts, jnp.int32)
+    token, states = prefill(model, prompts, prompts.shape[1] + num_new)
+    out = [token]
+    for _ in range(num_new - 1):
+      token, states = decode(model, token, states)
+      out.append(token)
+    return np.asarray(jnp.stack(out, 1))
+
+  return generate
+
+
+def model_predict(model) -> Predict:
+  """Argmax next tokens through `model.prefill` (the state-carrying path)."""
+  import jax.numpy as jnp
+  from flax import nnx
+
+  @nnx.jit
+  def predict(m, tokens):
+    logits, _ = m.prefill(tokens, max_len=tokens.shape[1])
+    return jnp.argmax(logits, -1).astype(jnp.int32)
+
+  return lambda inputs: np.asarray(predict(model, jnp.asarray(inputs, jnp.int32)))
