@@ -44,7 +44,7 @@ class Embed(nnx.Module):
 
   def __init__(self, vocab_size: int, dim: int, *, dtype, rngs: nnx.Rngs):
     self.embedding = nnx.Param(
-      _normal(rngs.params(), (vocab_size, dim), 1.0), logical_axes=("vocab", "embed")
+      _normal(rngs.params(), (vocab_size, dim), dim**-0.5), logical_axes=("vocab", "embed")
     )
     self.dtype = dtype
     self.dim = dim

@@ -1,0 +1,40 @@
+"""Recall pipeline, stage 1: a small softmax teacher on the task mix at a short context.
+
+  python -m experiments.train --config=experiments/configs/recall_teacher.py --workdir=runs/demo/teacher
+
+Mix (lola_jax.data "mix"): pass-key and needle-in-pydoc prompts of random length and depth (loss
+on the answer, a little on the context so induction forms on the repetitive filler), MQAR
+segments (Zoology recipe, 4 to 32 pairs), and byte LM on the stdlib pydoc topics.
+"""
+
+from experiments.configs import default
+
+
+def get_config():
+  c = default.get_config()
+  c.model.num_layers = 2
+  c.model.d_model = 128
+  c.model.num_heads = 4
+  c.model.num_kv_heads = 2
+  c.model.head_dim = 32
+  c.model.mlp_dim = 384
+  c.model.attention = "softmax"
+  c.model.feature_map = "hedgehog"
+  c.model.feature_dim = 32
+  c.model.max_seq_len = 8192 + 64
+  c.lola.chunk_size = 64
+  c.lola.cache_size = 64
+  c.task.name = "mix"
+  c.task.seq_len = 512
+  c.task.options.weights = {"passkey": 0.45, "niah": 0.25, "mqar": 0.15, "lm": 0.15}
+  c.task.options.context_weight = 0.05
+  c.task.options.lm_token_weight = 0.02
+  c.train.steps = 600
+  c.train.batch_size = 16
+  c.train.eval_batch_size = 16
+  c.train.log_every = 20
+  c.train.eval_every = 200
+  c.train.checkpoint_every = 200
+  c.optim.lr = 3e-3
+  c.optim.warmup_steps = 40
+  return c

@@ -1,0 +1,246 @@
+"""Device meshes, logical axis rules and shardings for parameters, optimizer state, batches and
+decode states; the multi-host entry point.
+
+The mesh has three named axes:
+  data    pure data parallelism (parameters replicated);
+  fsdp    data parallelism with parameters and optimizer state sharded along "embed" (ZeRO-3);
+  tensor  Megatron-style model parallelism over heads, kv_heads, mlp and vocab.
+Batches are split over ("data", "fsdp"). A logical dimension whose size does not divide by its
+mesh axes stays replicated (e.g. 2 kv heads on a tensor axis of 4), so any mesh that fits the
+devices runs; the rules decide only where data lives, never the numbers.
+
+Train and eval steps (`lola_jax/training/steps.py`) are `jax.jit` with explicit `in_shardings`
+and `out_shardings` built here: the same code runs on 1 CPU, 8 simulated CPU devices
+(`XLA_FLAGS=--xla_force_host_platform_device_count=8`), a GPU, a TPU slice or several hosts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+from absl import logging
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# Logical axis -> mesh axes (None = replicated). Parameters: embed, vocab, heads, kv_heads,
+# head_dim, mlp, feature, norm; activations / states: batch, kv_heads.
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+  ("batch", BATCH_AXES),
+  ("embed", "fsdp"),
+  ("vocab", "tensor"),
+  ("heads", "tensor"),
+  ("kv_heads", "tensor"),
+  ("mlp", "tensor"),
+  ("head_dim", None),
+  ("feature", None),
+  ("norm", None),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Sizes of the mesh axes; exactly one may be -1 (= all remaining devices)."""
+
+  data: int = -1
+  fsdp: int = 1
+  tensor: int = 1
+
+  def resolve(self, num_devices: int) -> tuple[int, int, int]:
+    """(data, fsdp, tensor) sizes for `num_devices`; ValueError naming the bad field."""
+    sizes = {name: getattr(self, name) for name in MESH_AXES}
+    for name, size in sizes.items():
+      if isinstance(size, bool) or not isinstance(size, int) or (size < 1 and size != -1):
+        raise ValueError(f"mesh.{name} must be an int >= 1 or -1, got {size!r}")
+    free = [n for n, s in sizes.items() if s == -1]
+    if len(free) > 1:
+      raise ValueError(f"only one mesh axis may be -1, got {free} (mesh.{free[1]})")
+    fixed = math.prod(s for s in sizes.values() if s != -1)
+    if free:
+      if num_devices % fixed:
+        raise ValueError(
+          f"mesh.{free[0]}=-1: {num_devices} devices do not divide by the other axes ({fixed})"
+        )
+      sizes[free[0]] = num_devices // fixed
+    total = math.prod(sizes.values())
+    if total > num_devices:
+      raise ValueError(
+        f"mesh {sizes} needs {total} devices but only {num_devices} exist "
+        f"(mesh.data * mesh.fsdp * mesh.tensor must be <= {num_devices})"
+      )
+    return sizes["data"], sizes["fsdp"], sizes["tensor"]
+
+
+def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A ("data", "fsdp", "tensor") mesh over `devices` (default: all devices of all processes).
+
+  Axes are `AxisType.Auto`: shardings are given at the jit boundary and XLA's partitioner
+  propagates them inside (pjit semantics).
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  shape = config.resolve(len(devices))
+  n = math.prod(shape)
+  if n == len(devices):
+    try:
+      return jax.make_mesh(
+        shape, MESH_AXES, devices=devices, axis_types=(jax.sharding.AxisType.Auto,) * 3
+      )
+    except Exception:  # noqa: BLE001 - fall back to a plain reshape (e.g. odd topologies)
+      pass
+  return Mesh(
+    np.asarray(devices[:n]).reshape(shape),
+    MESH_AXES,
+    axis_types=(jax.sharding.AxisType.Auto,) * 3,
+  )
+
+
+def _axis_size(mesh: Mesh, axes) -> int:
+  if axes is None:
+    return 1
+  if isinstance(axes, str):
+    axes = (axes,)
+  return math.prod(mesh.shape[a] for a in axes)
+
+
+def logical_to_spec(
+  names: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh, rules=DEFAULT_RULES
+) -> P:
+  """PartitionSpec for an array with logical axis `names` and `shape` on `mesh`.
+
+  A dimension is sharded only if its size divides by the mesh axes' size and those mesh axes
+  are not already used by an earlier dimension; otherwise it is replicated.
+  """
+  if names is None:
+    return P()
+  table = dict(rules)
+  used: set[str] = set()
+  spec = []
+  for name, size in zip(names, shape, strict=True):
+    axes = table.get(name) if name is not None else None
+    flat = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+    flat = tuple(a for a in flat if mesh.shape.get(a, 1) > 1 and a not in used)
+    if flat and size % _axis_size(mesh, flat) == 0:
+      used.update(flat)
+      spec.append(flat[0] if len(flat) == 1 else flat)
+    else:
+      spec.append(None)
+  return P(*spec)
+
+
+def param_shardings(model_config, mesh: Mesh, rules=DEFAULT_RULES) -> dict:
+  """NamedSharding per parameter (pure dict matching `model.init_params`)."""
+  from lola_jax import model as model_lib
+
+  names = model_lib.logical_axes(model_config)
+  shapes = jax.eval_shape(lambda: model_lib.init_params(model_config, jax.random.key(0)))
+  return jax.tree.map(
+    lambda n, s: NamedSharding(mesh, logical_to_spec(n, s.shape, mesh, rules)),
+    names,
+    shapes,
+    is_leaf=lambda x: x is None or isinstance(x, tuple),
+  )
+
+
+def opt_state_shardings(tx: optax.GradientTransformation, params_abstract, param_sh, mesh: Mesh):
+  """Optimizer-state shardings: moments follow their parameter, everything else replicated."""
+  state = jax.eval_shape(tx.init, params_abstract)
+  replicated = NamedSharding(mesh, P())
+  return optax.tree_map_params(
+    tx,
+    lambda _, sh: sh,
+    state,
+    param_sh,
+    transform_non_params=lambda _: replicated,
+  )
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """[B, T] batches: batch over ("data", "fsdp"), time replicated."""
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def decode_state_shardings(states, mesh: Mesh) -> Any:
+  """Shardings for per-layer decode states: batch over ("data","fsdp"), kv heads over tensor.
+
+  Works for `LoLAState` ([B, Hkv, ...] leaves), `LinearState` ([B, Hkv, ...]) and `KVCache`
+  ([B, S, Hkv, d]); dimensions that do not divide stay replicated.
+  """
+  from lola_jax.layers import KVCache
+
+  def one(layer_state):
+    head_axis = 2 if isinstance(layer_state, KVCache) else 1
+
+    def leaf(x):
+      names = [None] * x.ndim
+      if x.ndim >= 1:
+        names[0] = "batch"
+      if x.ndim >= 3:
+        names[head_axis] = "kv_heads"
+      return NamedSharding(mesh, logical_to_spec(names, x.shape, mesh))
+
+    return jax.tree.map(leaf, layer_state)
+
+  return tuple(one(s) for s in states)
+
+
+def check_batch(batch_size: int, mesh: Mesh, field: str = "train.batch_size") -> None:
+  """ValueError naming `field` unless the batch splits evenly over the data-parallel axes."""
+  dp = _axis_size(mesh, BATCH_AXES)
+  if batch_size % dp:
+    raise ValueError(
+      f"{field}={batch_size} must be divisible by the data-parallel size "
+      f"mesh.data * mesh.fsdp = {dp}"
+    )
+
+
+def global_array(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
+  """A global jax.Array from a host array every process holds in full (deterministic data)."""
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+  """A replicated (or fully addressable) array as numpy, on every process."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return np.asarray(x.addressable_data(0))
+  return np.asarray(jax.device_get(x))
+
+
+def initialize_distributed(
+  coordinator_address: str | None, num_processes: int | None, process_id: int | None
+) -> None:
+  """`jax.distributed.initialize` when a coordinator is given (multi-host); no-op otherwise.
+
+  On Cloud TPU / SLURM / Kubernetes, `jax.distributed.initialize()` can discover these itself;
+  pass them explicitly elsewhere (e.g. two local CPU processes on 127.0.0.1).
+  """
+  if not coordinator_address:
+    return
+  kwargs: dict[str, Any] = {"coordinator_address": coordinator_address}
+  if num_processes is not None:
+    kwargs["num_processes"] = num_processes
+  if process_id is not None:
+    kwargs["process_id"] = process_id
+  # CPU devices of several processes talk through gloo (GPU/TPU use their own collectives).
+  # Must not query the backend here: initialize() has to run before any backend exists.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(**kwargs)
+  logging.info(
+    "jax.distributed: process %d of %d, %d local / %d global devices",
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+  )

@@ -1,0 +1,382 @@
+"""The training loop: `train_and_evaluate(config, workdir)` (called by experiments/train.py).
+
+Config layout (ml_collections; see experiments/configs/default.py for every field):
+  seed            data order and parameter init;
+  model.*         ModelConfig fields (attention, feature_map, sizes, dtype, ...);
+  lola.*          LoLAConfig fields (chunk_size, cache_size, mix, policy);
+  task.name, task.seq_len, task.options   -> lola_jax.data.get_task;
+  train.*         steps, batch_size, grad_accum_steps, mode ("lm" | "distill"), log/eval/save
+                  cadence, keep_checkpoints;
+  optim.*         lr, warmup_steps, end_lr_factor, weight_decay, b1, b2, eps, clip_norm;
+  distill.*       teacher_workdir, finetune_steps, finetune_lr, finetune_warmup_steps;
+  mesh.*          data, fsdp, tensor (-1 = remaining devices).
+
+Steps [0, train.steps) run the main stage; in distill mode they train only feature maps and
+gates (attention transfer from the teacher's softmax attention), and steps
+[train.steps, train.steps + distill.finetune_steps) then finetune everything on the task loss.
+The step counter is the only position: batch `s` is `task.batch(s, batch_size)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from lola_jax import model as model_lib
+from lola_jax import sharding as sharding_lib
+from lola_jax.config import LoLAConfig
+from lola_jax.training import checkpoint as ckpt_lib
+from lola_jax.training import metrics as metrics_lib
+from lola_jax.training import optim as optim_lib
+from lola_jax.training import steps as steps_lib
+
+MODES = ("lm", "distill")
+
+
+def model_config_from(config) -> model_lib.ModelConfig:
+  """ModelConfig from the `model` and `lola` config sections (ValueError names the field)."""
+  lola_fields = {f.name for f in dataclasses.fields(LoLAConfig)}
+  lola_kwargs = {k: v for k, v in config.lola.items() if k in lola_fields}
+  unknown = set(config.lola.keys()) - lola_fields
+  if unknown:
+    raise ValueError(f"unknown config.lola field(s): {sorted(unknown)}")
+  try:
+    lola = LoLAConfig(**lola_kwargs)
+  except ValueError as e:
+    raise ValueError(f"config.lola: {e}") from e
+  model_fields = {f.name for f in dataclasses.fields(model_lib.ModelConfig)} - {"lola"}
+  unknown = set(config.model.keys()) - model_fields
+  if unknown:
+    raise ValueError(f"unknown config.model field(s): {sorted(unknown)}")
+  kwargs = dict(config.model.items())
+  if "vocab_size" not in kwargs or kwargs["vocab_size"] in (None, 0, -1):
+    kwargs.pop("vocab_size", None)
+  try:
+    return model_lib.ModelConfig(lola=lola, **kwargs)
+  except ValueError as e:
+    raise ValueError(f"config.model: {e}".replace("ModelConfig.", "model.")) from e
+
+
+def mesh_config_from(config) -> sharding_lib.MeshConfig:
+  return sharding_lib.MeshConfig(**dict(config.mesh.items()))
+
+
+def get_task(config, *, seed_offset: int = 0, **extra):
+  """The training (or, with a seed offset, evaluation) task named by config.task."""
+  from lola_jax import data
+
+  options = dict(config.task.get("options", {}) or {})
+  options.update(extra)
+  return data.get_task(
+    config.task.name, seq_len=config.task.seq_len, seed=config.seed + seed_offset, **options
+  )
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything built from a config before any compilation."""
+
+  model_config: model_lib.ModelConfig
+  mesh: Any
+  task: Any
+  eval_task: Any
+  total_steps: int
+  schedule: Any
+  tx: Any
+  param_sh: Any
+  opt_sh: Any
+  abstract_params: Any
+
+
+def setup(config, task=None, eval_task=None) -> Setup:
+  """Validate the config and build mesh, task, optimizer and shardings (no compilation)."""
+  mode = config.train.get("mode", "lm")
+  if mode not in MODES:
+    raise ValueError(f"train.mode must be one of {MODES}, got {mode!r}")
+  for field in ("steps", "batch_size", "grad_accum_steps"):
+    val = config.train[field]
+    if not isinstance(val, int) or val < (0 if field == "steps" else 1):
+      raise ValueError(f"train.{field} must be a positive int, got {val!r}")
+  if config.train.batch_size % config.train.grad_accum_steps:
+    raise ValueError(
+      f"train.batch_size ({config.train.batch_size}) must be divisible by "
+      f"train.grad_accum_steps ({config.train.grad_accum_steps})"
+    )
+  mesh = sharding_lib.make_mesh(mesh_config_from(config))
+  sharding_lib.check_batch(
+    config.train.batch_size // config.train.grad_accum_steps,
+    mesh,
+    "train.batch_size / train.grad_accum_steps",
+  )
+  sharding_lib.check_batch(
+    config.train.get("eval_batch_size", config.train.batch_size), mesh, "train.eval_batch_size"
+  )
+  task = task if task is not None else get_task(config)
+  if eval_task is None:
+    eval_task = get_task(config, seed_offset=10_007)
+  if "vocab_size" not in config.model or config.model.vocab_size in (None, 0, -1):
+    config.model.vocab_size = task.vocab_size
+  model_config = model_config_from(config)
+  if model_config.vocab_size < task.vocab_size:
+    raise ValueError(
+      f"model.vocab_size ({model_config.vocab_size}) is smaller than the task's vocabulary "
+      f"({task.vocab_size})"
+    )
+  if mode == "distill":
+    if model_config.attention not in ("hybrid", "lola", "linear"):
+      raise ValueError(
+        f"model.attention must be hybrid, lola or linear in distill mode, got "
+        f"{model_config.attention!r}"
+      )
+    if not config.distill.get("teacher_workdir"):
+      raise ValueError("distill.teacher_workdir must name a softmax run's workdir")
+  finetune = int(config.distill.get("finetune_steps", 0)) if mode == "distill" else 0
+  total_steps = config.train.steps + finetune
+  stages = ()
+  if finetune:
+    stages = ((finetune, config.distill.finetune_lr, config.distill.finetune_warmup_steps),)
+  schedule = optim_lib.make_schedule(config.optim, config.train.steps, stages)
+  tx = optim_lib.make_optimizer(config.optim, schedule)
+  param_sh = sharding_lib.param_shardings(model_config, mesh)
+  shapes = jax.eval_shape(lambda: model_lib.init_params(model_config, jax.random.key(0)))
+  abstract_params = jax.tree.map(
+    lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, param_sh
+  )
+  opt_sh = sharding_lib.opt_state_shardings(tx, abstract_params, param_sh, mesh)
+  return Setup(
+    model_config,
+    mesh,
+    task,
+    eval_task,
+    total_steps,
+    schedule,
+    tx,
+    param_sh,
+    opt_sh,
+    abstract_params,
+  )
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop checks after each step (main thread only)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handler)
+    return self
+
+  def _handler(self, signum, frame):
+    del signum, frame
+    self.requested = True
+    print("SIGTERM received: saving a checkpoint and exiting", flush=True)
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _abstract_train_state(s: Setup):
+  opt = jax.eval_shape(s.tx.init, s.abstract_params)
+  opt = jax.tree.map(
+    lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), opt, s.opt_sh
+  )
+  rep = sharding_lib.replicated(s.mesh)
+  return {
+    "params": s.abstract_params,
+    "opt_state": opt,
+    "rng": jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep),
+  }
+
+
+def _initial_state(config, s: Setup):
+  """Fresh parameters (or the teacher's, in distill mode), optimizer state and RNG."""
+  if config.train.get("mode", "lm") == "distill":
+    params, meta = ckpt_lib.restore_params(
+      os.path.join(config.distill.teacher_workdir, "checkpoints"), s.abstract_params
+    )
+    print(f"Distilling from teacher step {meta.get('step')} in {config.distill.teacher_workdir}")
+  else:
+    key = jax.random.key(config.seed)
+    params = jax.jit(lambda k: model_lib.init_params(s.model_config, k), out_shardings=s.param_sh)(
+      key
+    )
+  opt_state = jax.jit(s.tx.init, out_shardings=s.opt_sh)(params)
+  rng = jax.device_put(
+    jax.random.key_data(jax.random.key(config.seed + 1)), sharding_lib.replicated(s.mesh)
+  )
+  return {"params": params, "opt_state": opt_state, "rng": rng}
+
+
+def model_flops_per_token(mc: model_lib.ModelConfig, seq_len: int) -> float:
+  """Training FLOPs per token (6 N for matmuls + attention), PaLM-style MFU accounting."""
+  e, hq, hkv, d, m, v = (
+    mc.d_model,
+    mc.num_heads,
+    mc.num_kv_heads,
+    mc.head_dim,
+    mc.mlp_dim,
+    mc.vocab_size,
+  )
+  per_layer = e * (hq + 2 * hkv) * d + hq * d * e + 3 * e * m
+  n = mc.num_layers * per_layer + e * v
+  if mc.attention == "softmax":
+    attn = 2 * 2 * hq * d * seq_len / 2  # causal QK^T and AV, half the square
+  elif mc.attention == "linear":
+    attn = 2 * 2 * hq * d * mc.phi_dim
+  else:
+    window = 1.5 * mc.lola.chunk_size + mc.lola_config.cache_size
+    attn = 2 * 2 * hq * d * min(window, seq_len / 2) + 2 * 2 * hq * d * mc.phi_dim
+  return 6 * n + 3 * mc.num_layers * attn
+
+
+def train_and_evaluate(config, workdir: str, *, task=None, eval_task=None) -> dict:
+  """Train (or resume) per `config` in `workdir`; returns the last metrics.
+
+  Result keys: step, loss, eval_loss (if evaluated), preempted (bool), tokens_per_s, params
+  (the final parameter pytree).
+  """
+  s = setup(config, task, eval_task)
+  mode = config.train.get("mode", "lm")
+  mc, mesh = s.model_config, s.mesh
+  is_main = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  ckpt = ckpt_lib.Checkpointer(
+    os.path.join(workdir, "checkpoints"),
+    every=config.train.checkpoint_every,
+    keep=config.train.keep_checkpoints,
+    async_save=config.train.get("async_checkpoint", True),
+  )
+  restored = ckpt.restore_latest(_abstract_train_state(s))
+  if restored is None:
+    state = _initial_state(config, s)
+    start = 0
+  else:
+    state, meta = restored
+    start = int(meta["data_position"])
+    print(f"Resumed from checkpoint {meta['step']} in {ckpt.directory}", flush=True)
+
+  main_kind = "distill" if mode == "distill" else "lm"
+  main_mask = model_lib.trainable_mask(
+    mc, s.abstract_params, "feature_maps" if mode == "distill" else "all"
+  )
+  train_main = steps_lib.jit_train_step(
+    mc,
+    s.tx,
+    mesh,
+    s.param_sh,
+    s.opt_sh,
+    kind=main_kind,
+    accum=config.train.grad_accum_steps,
+    mask=main_mask,
+  )
+  train_finetune = None
+  if s.total_steps > config.train.steps:
+    train_finetune = steps_lib.jit_train_step(
+      mc,
+      s.tx,
+      mesh,
+      s.param_sh,
+      s.opt_sh,
+      kind="lm",
+      accum=config.train.grad_accum_steps,
+      mask=model_lib.trainable_mask(mc, s.abstract_params, "all"),
+    )
+  eval_fn = steps_lib.jit_eval_step(mc, mesh, s.param_sh, kind="lm")
+  batch_sh = sharding_lib.batch_sharding(mesh)
+  writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
+  bsz, seq = config.train.batch_size, config.task.seq_len
+  eval_bsz = config.train.get("eval_batch_size", bsz)
+  log_every = max(1, config.train.log_every)
+
+  def run_eval(params, step):
+    totals = {}
+    for i in range(config.train.eval_batches):
+      b = s.eval_task.batch(i, eval_bsz)
+      out = eval_fn(params, {k: sharding_lib.global_array(v, batch_sh) for k, v in b.items()})
+      for k, v in out.items():
+        totals[k] = totals.get(k, 0.0) + float(sharding_lib.to_host(v)) / config.train.eval_batches
+    return {f"eval_{k}": v for k, v in totals.items()}
+
+  result: dict[str, Any] = {"step": start, "preempted": False}
+  if is_main:
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(s.abstract_params))
+    print(
+      f"Training {mc.attention} LM ({n_params / 1e6:.2f}M params) mode={mode} on mesh "
+      f"{dict(mesh.shape)} ({jax.device_count()} devices, {jax.process_count()} processes); "
+      f"steps {start} -> {s.total_steps}",
+      flush=True,
+    )
+  last_time, last_step, t_start = time.time(), start, time.time()
+  tokens_per_s = float("nan")
+  metrics = None
+  with _Preemption() as preempt:
+    step = start
+    while step < s.total_steps:
+      batch = s.task.batch(step, bsz)
+      gbatch = {k: sharding_lib.global_array(v, batch_sh) for k, v in batch.items()}
+      fn = train_main if step < config.train.steps else train_finetune
+      params, opt_state, metrics = fn(state["params"], state["opt_state"], gbatch)
+      rng, _ = jax.random.split(jax.random.wrap_key_data(state["rng"]))
+      state = {"params": params, "opt_state": opt_state, "rng": jax.random.key_data(rng)}
+      step += 1
+      if step % log_every == 0 or step == s.total_steps or step == start + 1:
+        loss = float(sharding_lib.to_host(metrics["loss"]))
+        now = time.time()
+        if step > last_step and step > start + 1:
+          tokens_per_s = (step - last_step) * bsz * seq / max(now - last_time, 1e-9)
+        last_time, last_step = now, step
+        eta = (
+          (s.total_steps - step) * bsz * seq / tokens_per_s if tokens_per_s > 0 else float("nan")
+        )
+        record = {
+          "loss": loss,
+          "grad_norm": float(sharding_lib.to_host(metrics["grad_norm"])),
+          "lr": float(s.schedule(step - 1)),
+          "tokens_per_s": tokens_per_s,
+          "stage": "distill" if (mode == "distill" and step <= config.train.steps) else "lm",
+        }
+        if not np.isfinite(loss):
+          raise FloatingPointError(f"loss is {loss} at step {step}")
+        if config.train.eval_every and step % config.train.eval_every == 0:
+          record.update(run_eval(state["params"], step))
+        writer.write(step, record)
+        if is_main:
+          extra = f"eval {record['eval_loss']:.4f}" if "eval_loss" in record else ""
+          print(
+            metrics_lib.progress_line(step, s.total_steps, loss, tokens_per_s, eta, extra),
+            flush=True,
+          )
+        result.update(record)
+      if ckpt.should_save(step) or step == s.total_steps or preempt.requested:
+        ckpt.save(step, state, {"data_position": step, "mode": mode, "model_config": repr(mc)})
+      if preempt.requested:
+        result["preempted"] = True
+        break
+  ckpt.wait()
+  if metrics is not None and "loss" not in result:
+    result["loss"] = float(sharding_lib.to_host(metrics["loss"]))
+  if not result["preempted"] and config.train.eval_batches:
+    final_eval = run_eval(state["params"], step)
+    writer.write(step, final_eval)
+    result.update(final_eval)
+  result["step"] = step
+  result["tokens_per_s"] = tokens_per_s
+  result["elapsed_s"] = time.time() - t_start
+  result["params"] = state["params"]
+  writer.close()
+  ckpt.close()
+  logging.info("done at step %d: %s", step, {k: v for k, v in result.items() if k != "params"})
+  return result
