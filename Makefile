@@ -28,7 +28,7 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow -o addopts=''
 
 demo: $(STAMP)
-	$(PY) -m experiments.benchmarks.bench_core --preset=small
+	$(PY) -m experiments.recall.pipeline --preset=demo --workdir=runs/demo
 
 bench: $(STAMP)
 	$(PY) -m experiments.benchmarks.bench_core

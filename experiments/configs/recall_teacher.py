@@ -1,6 +1,7 @@
 """Recall pipeline, stage 1: a small softmax teacher on the task mix at a short context.
 
-  python -m experiments.train --config=experiments/configs/recall_teacher.py --workdir=runs/demo/teacher
+  python -m experiments.train --config=experiments/configs/recall_teacher.py \
+      --workdir=runs/demo/teacher
 
 Mix (lola_jax.data "mix"): pass-key and needle-in-pydoc prompts of random length and depth (loss
 on the answer, a little on the context so induction forms on the repetitive filler), MQAR

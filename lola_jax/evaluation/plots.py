@@ -110,7 +110,9 @@ def depth_heatmaps(cells, path, task="passkey"):
   depths = sorted({c["depth"] for c in cells})
   cols = min(4, len(labels))
   nrows = (len(labels) + cols - 1) // cols
-  fig, axes = plt.subplots(nrows, cols, figsize=(3.6 * cols, 3.0 * nrows), squeeze=False)
+  fig, axes = plt.subplots(
+    nrows, cols, figsize=(3.8 * cols, 3.2 * nrows), squeeze=False, constrained_layout=True
+  )
   for ax in axes.flat[len(labels) :]:
     ax.axis("off")
   im = None
@@ -124,9 +126,10 @@ def depth_heatmaps(cells, path, task="passkey"):
     ax.set_yticks(range(len(depths)), [f"{d:.2f}" for d in depths], fontsize=7)
     ax.set_title(label, fontsize=9)
     ax.set_xlabel("context", fontsize=8)
-    ax.set_ylabel("needle depth", fontsize=8)
+    if ax in axes[:, 0]:
+      ax.set_ylabel("needle depth", fontsize=8)
   if im is not None:
-    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="accuracy")
+    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6, label="accuracy")
   fig.savefig(path, dpi=120)
   plt.close(fig)
   return path

@@ -1,0 +1,376 @@
+"""LoLA's recall result in miniature: train a softmax teacher, linearise it, evaluate recall.
+
+  python -m experiments.recall.pipeline --preset=demo --workdir=runs/demo
+
+Stages (each skipped when its output exists, so a rerun resumes):
+  1. teacher  `python -m experiments.train --config=experiments/configs/recall_teacher.py`:
+              softmax LM on the task mix at a short context (512 tokens);
+  2. distill  `... --config=experiments/configs/recall_distill.py`: `hybrid` (window/chunk 64,
+              Hedgehog), attention transfer from the teacher, then a short finetune;
+  3. eval     pass-key and needle-in-pydoc at longer contexts and spread depths, MQAR against the
+              number of pairs, for the teacher (full KV), hybrid (cache 0), hybrid with a wider
+              window of LoLA's memory, LoLA with caches of several sizes (sre) and with `recency`;
+              every row with its decode-state bytes next to the full KV cache's.
+Writes `results.json` (rows), `cells.json` (per depth x context), `report.md`, `figures/*.png`,
+`timings.json` into the workdir; `--publish_dir=docs` also copies them into the docs.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+
+from experiments.recall.presets import PRESETS
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("preset", "demo", sorted(PRESETS), "Size of the run.")
+flags.DEFINE_string("workdir", None, "Output directory (default runs/<preset>).")
+flags.DEFINE_list("stages", ["teacher", "distill", "eval"], "Stages to run.")
+flags.DEFINE_string("publish_dir", None, "If set (e.g. docs), copy results, figures and report.")
+flags.DEFINE_bool("mqar", True, "Evaluate MQAR.")
+flags.DEFINE_bool("niah", True, "Evaluate the needle in natural text.")
+
+TEACHER_CONFIG = "experiments/configs/recall_teacher.py"
+DISTILL_CONFIG = "experiments/configs/recall_distill.py"
+
+
+def _train(config_path, workdir, overrides, log):
+  """Runs the absl training binary as a subprocess (output streamed and logged)."""
+  cmd = [
+    sys.executable,
+    "-m",
+    "experiments.train",
+    f"--config={config_path}",
+    f"--workdir={workdir}",
+  ] + [f"--config.{o}" for o in overrides]
+  print("$ " + " ".join(cmd[1:]), flush=True)
+  with open(log, "a") as f:
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+      f.write(line)
+      if line.startswith(("step", "Training", "eval", "Preempted", "Traceback", "Error")) or (
+        "Error" in line
+      ):
+        print("  " + line.rstrip(), flush=True)
+    if proc.wait():
+      raise RuntimeError(f"training failed ({config_path}); see {log}")
+  return " ".join(["python"] + cmd[1:])
+
+
+def _apply_overrides(config, overrides):
+  for item in overrides:
+    path, value = item.split("=", 1)
+    *parents, leaf = path.split(".")
+    node = config
+    for p in parents:
+      node = node[p]
+    try:
+      value = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      pass
+    node[leaf] = value
+  return config
+
+
+def _load(config_module, workdir, overrides):
+  """(ModelConfig, LoLALM) restored from the newest checkpoint of a training run."""
+  import importlib
+
+  from lola_jax import model as model_lib
+  from lola_jax.training import checkpoint as ckpt_lib
+  from lola_jax.training import trainer
+
+  config = importlib.import_module(config_module).get_config()
+  _apply_overrides(config, overrides)
+  s = trainer.setup(config) if config.train.mode == "lm" else None
+  if s is None:  # distill mode checks a teacher dir we do not need here
+    config.train.mode = "lm"
+    s = trainer.setup(config)
+  params, _ = ckpt_lib.restore_params(os.path.join(workdir, "checkpoints"), s.abstract_params)
+  return s.model_config, model_lib.bind(s.model_config, params)
+
+
+def methods(preset, hybrid_config):
+  """(label, method, attention, LoLAConfig) of every evaluated row."""
+  from lola_jax.config import LoLAConfig
+  from lola_jax.evaluation import equal_memory_chunk
+
+  c = hybrid_config.lola.chunk_size
+  out = [
+    ("teacher (full KV)", "teacher", "softmax", hybrid_config.lola),
+    (f"hybrid C{c}", "hybrid", "hybrid", LoLAConfig(chunk_size=c, cache_size=0)),
+  ]
+  for lam in preset["wide_for"]:
+    wide = equal_memory_chunk(
+      chunk_size=c,
+      cache_size=lam,
+      key_dim=hybrid_config.head_dim,
+      value_dim=hybrid_config.head_dim,
+      feature_dim=hybrid_config.phi_dim,
+      kv_dtype=hybrid_config.dtype,
+    )
+    out.append(
+      (
+        f"hybrid_wide C{wide} (= lola {lam})",
+        "hybrid_wide",
+        "hybrid",
+        LoLAConfig(chunk_size=wide, cache_size=0),
+      )
+    )
+  for lam in preset["caches"]:
+    out.append(
+      (
+        f"lola C{c} cache {lam}",
+        "lola",
+        "lola",
+        LoLAConfig(chunk_size=c, cache_size=lam, policy="sre"),
+      )
+    )
+  lam = preset["recency_cache"]
+  out.append(
+    (
+      f"lola C{c} cache {lam} recency",
+      "lola",
+      "lola",
+      LoLAConfig(chunk_size=c, cache_size=lam, policy="recency"),
+    )
+  )
+  return out
+
+
+def evaluate(preset, workdir, overrides):
+  """Stage 3: every method on pass-key, niah and MQAR; returns (rows, cells)."""
+  from lola_jax.evaluation import (
+    evaluate_mqar,
+    evaluate_retrieval,
+    full_kv_bytes,
+    model_generate,
+    model_predict,
+    model_state_bytes,
+  )
+
+  teacher_cfg, teacher = _load(
+    "experiments.configs.recall_teacher", os.path.join(workdir, "teacher"), overrides
+  )
+  hybrid_cfg, hybrid = _load(
+    "experiments.configs.recall_distill", os.path.join(workdir, "hybrid"), overrides
+  )
+  tasks = ["passkey"] + (["niah"] if FLAGS.niah else [])
+  rows, cells = [], []
+  for label, method, attention, lola in methods(preset, hybrid_cfg):
+    base = teacher if method == "teacher" else hybrid
+    model = base.with_lola_config(attention=attention, lola=lola)
+    cfg = model.config
+    generate = model_generate(model)
+    common = {
+      "label": label,
+      "method": method,
+      "window": None if method == "teacher" else lola.chunk_size,
+      "cache_size": 0 if method == "teacher" else (lola.cache_size if attention == "lola" else 0),
+      "policy": lola.policy if attention == "lola" else None,
+    }
+
+    def kv(context, cfg=cfg):
+      return full_kv_bytes(
+        context,
+        num_layers=cfg.num_layers,
+        num_kv_heads=cfg.num_kv_heads,
+        key_dim=cfg.head_dim,
+        value_dim=cfg.head_dim,
+        kv_dtype=cfg.dtype,
+      )
+
+    for task in tasks:
+      task_cells = []
+      for context in preset["contexts"]:
+        task_cells += evaluate_retrieval(
+          generate,
+          task,
+          [context],
+          preset["depths"],
+          preset["samples"],
+          seed=0,
+          batch_size=max(1, 16384 // context),
+          label=label,
+        )
+      for context in preset["contexts"]:
+        sel = [x for x in task_cells if x.context == context]
+        acc = sum(x.correct for x in sel) / sum(x.num for x in sel)
+        rows.append(
+          dict(
+            common,
+            task=task,
+            context=context,
+            accuracy=acc,
+            state_bytes=model_state_bytes(cfg, context),
+            full_kv_bytes=kv(context),
+          )
+        )
+      cells += [dict(label=label, **dataclasses.asdict(x), accuracy=x.accuracy) for x in task_cells]
+      print(
+        f"  {label:36s} {task:8s} "
+        + " ".join(
+          f"{r['context']}:{100 * r['accuracy']:.0f}%"
+          for r in rows
+          if r["label"] == label and r["task"] == task
+        ),
+        flush=True,
+      )
+    if FLAGS.mqar:
+      acc = evaluate_mqar(
+        model_predict(model),
+        preset["mqar_pairs"],
+        preset["mqar_seq_len"],
+        preset["mqar_samples"],
+        seed=0,
+        label=label,
+      )
+      t = preset["mqar_seq_len"]
+      for n, a in acc.items():
+        rows.append(
+          dict(
+            common,
+            task="mqar",
+            context=t,
+            num_pairs=n,
+            accuracy=a,
+            state_bytes=model_state_bytes(cfg, t),
+            full_kv_bytes=kv(t),
+          )
+        )
+      print(
+        f"  {label:36s} mqar     " + " ".join(f"N={n}:{100 * a:.0f}%" for n, a in acc.items()),
+        flush=True,
+      )
+  return rows, cells
+
+
+def write_report(preset_name, preset, workdir, rows, cells, timings, commands):
+  """report.md and figures/ in the workdir."""
+  from lola_jax.evaluation import plots, report
+
+  fig_dir = os.path.join(workdir, "figures")
+  contexts = preset["contexts"]
+  pareto = 4096 if 4096 in contexts else contexts[-1]
+  paths = plots.all_plots(rows, cells, fig_dir, pareto)
+  lines = [
+    f"# Recall in miniature: preset `{preset_name}`",
+    "",
+    "Commands (stage wall times in seconds: "
+    + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())
+    + "):",
+    "",
+    "```",
+  ]
+  lines += commands + ["```", ""]
+  for task in ("passkey", "niah"):
+    if any(r["task"] == task for r in rows):
+      lines += [
+        f"## {task}: exact-match accuracy per context",
+        "",
+        report.retrieval_table(rows, task),
+        "",
+      ]
+  lines += [
+    "## Decode-state bytes per sequence (all layers) vs the full KV cache",
+    "",
+    report.bytes_table(rows, "passkey"),
+    "",
+  ]
+  if any(r["task"] == "mqar" for r in rows):
+    lines += [
+      f"## MQAR (T = {preset['mqar_seq_len']}): accuracy per number of pairs",
+      "",
+      report.mqar_table(rows),
+      "",
+    ]
+  lines += ["## Figures", ""] + [
+    f"![{os.path.basename(p)}](figures/{os.path.basename(p)})" for p in paths
+  ]
+  with open(os.path.join(workdir, "report.md"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+  return paths
+
+
+def main(argv):
+  del argv
+  preset = PRESETS[FLAGS.preset]
+  workdir = FLAGS.workdir or os.path.join("runs", FLAGS.preset)
+  os.makedirs(workdir, exist_ok=True)
+  overrides = list(preset["overrides"])
+  timings_path = os.path.join(workdir, "timings.json")
+  timings = json.load(open(timings_path)) if os.path.exists(timings_path) else {}
+  commands = []
+  log = os.path.join(workdir, "train.log")
+  teacher_dir, hybrid_dir = os.path.join(workdir, "teacher"), os.path.join(workdir, "hybrid")
+  t_over = overrides + [f"train.steps={preset['teacher_steps']}"]
+  d_over = overrides + [
+    f"train.steps={preset['distill_steps']}",
+    f"distill.finetune_steps={preset['finetune_steps']}",
+    f"distill.teacher_workdir={teacher_dir}",
+  ]
+  for stage, config, wd, over in (
+    ("teacher", TEACHER_CONFIG, teacher_dir, t_over),
+    ("distill", DISTILL_CONFIG, hybrid_dir, d_over),
+  ):
+    if stage in FLAGS.stages:
+      print(f"== stage {stage} ==", flush=True)
+      start = time.time()
+      commands.append(_train(config, wd, over, log))
+      timings[stage] = timings.get(stage, 0.0) + time.time() - start
+      json.dump(timings, open(timings_path, "w"), indent=1)
+  if "eval" in FLAGS.stages:
+    print("== stage eval ==", flush=True)
+    start = time.time()
+    rows, cells = evaluate(preset, workdir, overrides)
+    timings["eval"] = time.time() - start
+    json.dump(timings, open(timings_path, "w"), indent=1)
+    keys = (
+      "method",
+      "window",
+      "cache_size",
+      "policy",
+      "context",
+      "task",
+      "accuracy",
+      "state_bytes",
+      "full_kv_bytes",
+      "label",
+      "num_pairs",
+    )
+    rows = [{k: r[k] for k in keys if k in r} for r in rows]
+    json.dump(rows, open(os.path.join(workdir, "results.json"), "w"), indent=1)
+    json.dump(cells, open(os.path.join(workdir, "cells.json"), "w"), indent=1)
+    commands.insert(
+      0,
+      f"python -m experiments.recall.pipeline --preset={FLAGS.preset} "
+      f"--workdir={workdir}   # runs the commands below, then evaluates",
+    )
+    paths = write_report(FLAGS.preset, preset, workdir, rows, cells, timings, commands)
+    from lola_jax.evaluation import report
+
+    print("\nPass-key exact-match accuracy (state bytes per sequence, all layers):")
+    print(report.retrieval_table(rows, "passkey"), flush=True)
+    print(f"\nwrote {workdir}/results.json, cells.json, report.md, " + ", ".join(paths))
+    if FLAGS.publish_dir:
+      pub = FLAGS.publish_dir
+      os.makedirs(os.path.join(pub, "figures"), exist_ok=True)
+      for p in paths:
+        shutil.copy(p, os.path.join(pub, "figures", os.path.basename(p)))
+      os.makedirs(os.path.join(pub, "results"), exist_ok=True)
+      for name in ("results.json", "cells.json", "timings.json", "report.md"):
+        shutil.copy(
+          os.path.join(workdir, name), os.path.join(pub, "results", f"recall_{FLAGS.preset}_{name}")
+        )
+
+
+if __name__ == "__main__":
+  app.run(main)
