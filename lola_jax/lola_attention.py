@@ -47,9 +47,10 @@ def _attend(config, q, phi_q, keys, values, key_mask, linear_h, linear_s, gate):
     [B, Hkv, G, Tq, dv] float32.
   """
   scale = config.scale(q.shape[-1])
-  logits = jnp.einsum("bhgqd,bhkd->bhgqk", q, keys, preferred_element_type=jnp.float32) * scale
+  acc = linear_h.dtype  # float32 (float64 for float64 inputs)
+  logits = jnp.einsum("bhgqd,bhkd->bhgqk", q, keys, preferred_element_type=acc) * scale
   m, s, n = softmax_branch(logits, key_mask[:, :, None], values[:, :, None])
-  phi_q = phi_q.astype(jnp.float32)
+  phi_q = phi_q.astype(acc)
   lin_num = jnp.einsum("bhgqf,bhfe->bhgqe", phi_q, linear_h)
   lin_den = jnp.einsum("bhgqf,bhf->bhgq", phi_q, linear_s)
   return mix_branches(m, s, n, lin_num, lin_den, gate[None, :, :, None], config.mix)
@@ -167,7 +168,7 @@ def lola_prefill(q, k, v, phi_q, phi_k, gate, *, config: LoLAConfig, state=None,
   def heads_first(x):  # [B, C, H, d] -> [B, H, C, d]
     return x.transpose(0, 2, 1, 3)
 
-  gate_g = gate.astype(jnp.float32).reshape(hkv, hq // hkv)
+  gate_g = gate.reshape(hkv, hq // hkv)
   causal = jnp.tril(jnp.ones((c, c), bool))
 
   def step(carry, xs):
@@ -293,7 +294,7 @@ def lola_decode(q, k, v, phi_q, phi_k, gate, *, config: LoLAConfig, state: LoLAS
     ],
     axis=-1,
   )[:, :, None, :]
-  gate_g = gate.astype(jnp.float32).reshape(hkv, hq // hkv)
+  gate_g = gate.reshape(hkv, hq // hkv)
   y = _attend(
     config,
     _group_queries(q[:, None], hkv),

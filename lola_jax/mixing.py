@@ -33,17 +33,18 @@ def softmax_branch(logits: jax.Array, mask: jax.Array, values: jax.Array):
     values: [..., Tk, dv] values of the keys.
 
   Returns:
-    m: [..., Tq] the (gradient-stopped) max logit, 0 where no key is visible.
+    m: [..., Tq] the max logit, 0 where no key is visible. It is differentiated like any
+      other value: the lolcats mix depends on it (its linear branch is not shifted).
     s: [..., Tq] sum_i e^{l_i - m}.
     n: [..., Tq, dv] float32 sum_i e^{l_i - m} v_i.
   """
   masked = jnp.where(mask, logits, -jnp.inf)
   m = jnp.max(masked, axis=-1)
-  m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
+  m = jnp.where(jnp.isfinite(m), m, 0.0)
   p = jnp.where(mask, jnp.exp(masked - m[..., None]), 0.0)
   s = jnp.sum(p, axis=-1)
   n = jnp.einsum(
-    "...qk,...kd->...qd", p.astype(values.dtype), values, preferred_element_type=jnp.float32
+    "...qk,...kd->...qd", p.astype(values.dtype), values, preferred_element_type=logits.dtype
   )
   return m, s, n
 
@@ -62,7 +63,7 @@ def mix_branches(m, s, n, lin_num, lin_den, gate, mix: str) -> jax.Array:
   Returns:
     [..., Tq, dv] float32 outputs.
   """
-  gate = jnp.asarray(gate, jnp.float32)
+  gate = jnp.asarray(gate, lin_num.dtype)
   if mix == "gated":
     log_w_soft = jnp.log(gate) + m
     log_w_lin = jnp.log1p(-gate)

@@ -57,10 +57,10 @@ def self_recall_error(phi_k, v, linear_h, linear_s, eps: float) -> jax.Array:
   Returns:
     [..., N] float32 self-recall errors.
   """
-  phi_k = phi_k.astype(jnp.float32)
+  phi_k = phi_k.astype(linear_h.dtype)
   recalled = jnp.einsum("...nd,...de->...ne", phi_k, linear_h)
   denom = jnp.einsum("...nd,...d->...n", phi_k, linear_s) + eps
-  residual = v.astype(jnp.float32) - recalled / denom[..., None]
+  residual = v.astype(linear_h.dtype) - recalled / denom[..., None]
   return jnp.sqrt(jnp.sum(residual * residual, axis=-1))
 
 
@@ -109,9 +109,10 @@ def absorb(linear_h, linear_s, cand: Candidates, mask: jax.Array):
   Returns:
     (H + sum_{mask} phi_k v^T, s + sum_{mask} phi_k), float32.
   """
-  w = mask.astype(jnp.float32)[..., None]
-  phi = cand.phi_k.astype(jnp.float32) * w
-  linear_h = linear_h + jnp.einsum("...nd,...ne->...de", phi, cand.v.astype(jnp.float32))
+  acc = linear_h.dtype
+  w = mask.astype(acc)[..., None]
+  phi = cand.phi_k.astype(acc) * w
+  linear_h = linear_h + jnp.einsum("...nd,...ne->...de", phi, cand.v.astype(acc))
   linear_s = linear_s + jnp.sum(phi, axis=-2)
   return linear_h, linear_s
 

@@ -110,6 +110,11 @@ class LoLAState:
     return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(self))
 
 
+def accumulation_dtype(dtype) -> jnp.dtype:
+  """The dtype of linear states and accumulators: float32, or float64 for float64 inputs."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
 def init_state(
   config: LoLAConfig,
   *,
@@ -122,8 +127,8 @@ def init_state(
 ) -> LoLAState:
   """An empty state: no tokens seen, every slot empty, H = 0 and s = 0.
 
-  `dtype` is the storage dtype of the cached keys/values/features; the linear state is always
-  float32.
+  `dtype` is the storage dtype of the cached keys/values/features; the linear state is float32
+  (float64 when `dtype` is float64).
   """
   for name, val in (
     ("batch", batch),
@@ -153,8 +158,8 @@ def init_state(
     chunk_k=zeros(b, h, c, key_dim),
     chunk_v=zeros(b, h, c, value_dim),
     chunk_phi_k=zeros(b, h, c, feature_dim),
-    linear_h=zeros(b, h, feature_dim, value_dim, dt=jnp.float32),
-    linear_s=zeros(b, h, feature_dim, dt=jnp.float32),
+    linear_h=zeros(b, h, feature_dim, value_dim, dt=accumulation_dtype(dtype)),
+    linear_s=zeros(b, h, feature_dim, dt=accumulation_dtype(dtype)),
     num_tokens=jnp.zeros((b,), jnp.int32),
   )
 
