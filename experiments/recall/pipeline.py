@@ -35,6 +35,10 @@ flags.DEFINE_enum("preset", "demo", sorted(PRESETS), "Size of the run.")
 flags.DEFINE_string("workdir", None, "Output directory (default runs/<preset>).")
 flags.DEFINE_list("stages", ["teacher", "distill", "eval"], "Stages to run.")
 flags.DEFINE_string("publish_dir", None, "If set (e.g. docs), copy results, figures and report.")
+flags.DEFINE_string(
+  "params_dir", None, "Skip training: evaluate teacher.npz / hybrid.npz from here."
+)
+flags.DEFINE_string("export_params_dir", None, "Write the evaluated parameters as .npz here.")
 flags.DEFINE_bool("mqar", True, "Evaluate MQAR.")
 flags.DEFINE_bool("niah", True, "Evaluate the needle in natural text.")
 
@@ -53,7 +57,10 @@ def _train(config_path, workdir, overrides, log):
   ] + [f"--config.{o}" for o in overrides]
   print("$ " + " ".join(cmd[1:]), flush=True)
   with open(log, "a") as f:
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+      cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
     for line in proc.stdout:
       f.write(line)
       if line.startswith(("step", "Training", "eval", "Preempted", "Traceback", "Error")) or (
@@ -80,9 +87,20 @@ def _apply_overrides(config, overrides):
   return config
 
 
-def _load(config_module, workdir, overrides):
-  """(ModelConfig, LoLALM) restored from the newest checkpoint of a training run."""
+def _flat(params):
+  import jax
+  import numpy as np
+
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  return {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v) for path, v in leaves}
+
+
+def _load(config_module, workdir, overrides, params_file=None):
+  """(ModelConfig, LoLALM): the newest checkpoint of a training run, or a params .npz file."""
   import importlib
+
+  import jax
+  import numpy as np
 
   from lola_jax import model as model_lib
   from lola_jax.training import checkpoint as ckpt_lib
@@ -90,12 +108,29 @@ def _load(config_module, workdir, overrides):
 
   config = importlib.import_module(config_module).get_config()
   _apply_overrides(config, overrides)
-  s = trainer.setup(config) if config.train.mode == "lm" else None
-  if s is None:  # distill mode checks a teacher dir we do not need here
-    config.train.mode = "lm"
+  config.train.mode = "lm"  # distill mode would look for the teacher's run, not needed here
+  model_config = trainer.model_config_from(config)
+  if params_file:
+    stored = np.load(params_file)
+    shapes = jax.eval_shape(lambda: model_lib.init_params(model_config, jax.random.key(0)))
+    paths = list(_flat(shapes))
+    missing = sorted(set(paths) - set(stored.files))
+    if missing:
+      raise ValueError(f"{params_file} lacks parameters {missing[:3]}...")
+    treedef = jax.tree_util.tree_structure(shapes)
+    params = jax.tree_util.tree_unflatten(treedef, [stored[p] for p in paths])
+  else:
     s = trainer.setup(config)
-  params, _ = ckpt_lib.restore_params(os.path.join(workdir, "checkpoints"), s.abstract_params)
-  return s.model_config, model_lib.bind(s.model_config, params)
+    params, _ = ckpt_lib.restore_params(os.path.join(workdir, "checkpoints"), s.abstract_params)
+  return model_config, model_lib.bind(model_config, params)
+
+
+def export_params(model, path):
+  """Saves a model's parameters (float32, a few MB) to an .npz file."""
+  import numpy as np
+  from flax import nnx
+
+  np.savez_compressed(path, **_flat(nnx.to_pure_dict(nnx.state(model))))
 
 
 def methods(preset, hybrid_config):
@@ -146,7 +181,7 @@ def methods(preset, hybrid_config):
   return out
 
 
-def evaluate(preset, workdir, overrides):
+def evaluate(preset, workdir, overrides, params_dir=None):
   """Stage 3: every method on pass-key, niah and MQAR; returns (rows, cells)."""
   from lola_jax.evaluation import (
     evaluate_mqar,
@@ -321,7 +356,7 @@ def main(argv):
     ("teacher", TEACHER_CONFIG, teacher_dir, t_over),
     ("distill", DISTILL_CONFIG, hybrid_dir, d_over),
   ):
-    if stage in FLAGS.stages:
+    if stage in FLAGS.stages and not FLAGS.params_dir:
       print(f"== stage {stage} ==", flush=True)
       start = time.time()
       commands.append(_train(config, wd, over, log))
@@ -330,7 +365,7 @@ def main(argv):
   if "eval" in FLAGS.stages:
     print("== stage eval ==", flush=True)
     start = time.time()
-    rows, cells = evaluate(preset, workdir, overrides)
+    rows, cells = evaluate(preset, workdir, overrides, FLAGS.params_dir)
     timings["eval"] = time.time() - start
     json.dump(timings, open(timings_path, "w"), indent=1)
     keys = (

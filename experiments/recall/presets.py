@@ -39,7 +39,7 @@ PRESETS = {
     "teacher_steps": 600,
     "distill_steps": 150,
     "finetune_steps": 100,
-    "contexts": [1024, 2048, 4096, 8192],
+    "contexts": [512, 1024, 2048, 4096, 8192],
     "depths": [0.0, 0.25, 0.5, 0.75, 1.0],
     "samples": 2,
     "mqar_seq_len": 254,
