@@ -11,6 +11,8 @@ from lola_jax.evaluation import (
   evaluate_mqar,
   evaluate_retrieval,
   exact_match,
+  needle_cache_coverage,
+  needle_positions,
 )
 
 TOK = ByteTokenizer()
@@ -89,3 +91,18 @@ def test_mqar_oracle_and_constant():
   assert acc == {4: 1.0, 16: 1.0}
   acc = evaluate_mqar(lambda x: np.zeros_like(x), [4, 16], seq_len=128, samples=10)
   assert acc == {4: 0.0, 16: 0.0}
+
+
+def test_needle_positions_and_cache_coverage():
+  ex = retrieval_example("passkey", 600, 0.5, seed=0)
+  pos = needle_positions(ex)
+  assert TOK.decode(ex.prompt_ids[pos]) == ex.key
+  positions = np.stack([pos, pos])  # [B=2, K=5]
+  full = np.full((2, 2, 8), -1)  # [B, Hkv, lam]
+  full[0, 0, :5] = pos  # row 0, head 0 holds every digit; head 1 nothing
+  full[1, :, :2] = pos[:2]  # row 1: two digits in both heads
+  cov = needle_cache_coverage([full, np.full((2, 2, 8), -1)], positions)
+  assert cov.shape == (2, 2, 2)
+  np.testing.assert_allclose(cov[0, 0], [1.0, 0.0])
+  np.testing.assert_allclose(cov[1, 0], [0.4, 0.4])
+  assert (cov[:, 1] == 0).all()

@@ -183,10 +183,12 @@ def methods(preset, hybrid_config):
 
 def evaluate(preset, workdir, overrides, params_dir=None):
   """Stage 3: every method on pass-key, niah and MQAR; returns (rows, cells)."""
+  from lola_jax.data import retrieval_example
   from lola_jax.evaluation import (
     evaluate_mqar,
     evaluate_retrieval,
     full_kv_bytes,
+    model_cache_coverage,
     model_generate,
     model_predict,
     model_state_bytes,
@@ -239,6 +241,15 @@ def evaluate(preset, workdir, overrides, params_dir=None):
       for context in preset["contexts"]:
         sel = [x for x in task_cells if x.context == context]
         acc = sum(x.correct for x in sel) / sum(x.num for x in sel)
+        extra = {}
+        if attention == "lola":  # is the secret in the sparse cache after the prompt?
+          examples = [
+            retrieval_example(task, context, d, 0, i)
+            for d in preset["depths"]
+            for i in range(preset["samples"])
+          ]
+          batch = max(1, 16384 // context)
+          extra["needle_in_cache"] = model_cache_coverage(model, examples, batch)
         rows.append(
           dict(
             common,
@@ -247,6 +258,7 @@ def evaluate(preset, workdir, overrides, params_dir=None):
             accuracy=acc,
             state_bytes=model_state_bytes(cfg, context),
             full_kv_bytes=kv(context),
+            **extra,
           )
         )
       cells += [dict(label=label, **dataclasses.asdict(x), accuracy=x.accuracy) for x in task_cells]
@@ -314,6 +326,15 @@ def write_report(preset_name, preset, workdir, rows, cells, timings, commands):
         report.retrieval_table(rows, task),
         "",
       ]
+  if any("needle_in_cache" in r for r in rows):
+    lines += [
+      "## Share of the secret's tokens held in the sparse cache after the prompt",
+      "",
+      "(mean over layers, kv heads and prompts: what the model could still retrieve exactly)",
+      "",
+      report.coverage_table(rows),
+      "",
+    ]
   lines += [
     "## Decode-state bytes per sequence (all layers) vs the full KV cache",
     "",
@@ -380,6 +401,7 @@ def main(argv):
       "full_kv_bytes",
       "label",
       "num_pairs",
+      "needle_in_cache",
     )
     rows = [{k: r[k] for k in keys if k in r} for r in rows]
     json.dump(rows, open(os.path.join(workdir, "results.json"), "w"), indent=1)

@@ -13,8 +13,11 @@ from lola_jax.evaluation.recall import (
   evaluate_mqar,
   evaluate_retrieval,
   exact_match,
+  model_cache_coverage,
   model_generate,
   model_predict,
+  needle_cache_coverage,
+  needle_positions,
 )
 
 __all__ = [
@@ -27,7 +30,10 @@ __all__ = [
   "exact_match",
   "full_kv_bytes",
   "lola_state_bytes",
+  "model_cache_coverage",
   "model_generate",
   "model_predict",
   "model_state_bytes",
+  "needle_cache_coverage",
+  "needle_positions",
 ]

@@ -180,3 +180,48 @@ def model_predict(model) -> Predict:
     return jnp.argmax(logits, -1).astype(jnp.int32)
 
   return lambda inputs: np.asarray(predict(model, jnp.asarray(inputs, jnp.int32)))
+
+
+def needle_positions(example) -> np.ndarray:
+  """int [len(key)]: token positions of the secret's digits inside the needle of `example`."""
+  needle = example.prompt[example.needle_start : example.needle_end]
+  start = example.needle_start + needle.index(example.key)
+  return np.arange(start, start + len(example.key))
+
+
+def needle_cache_coverage(cached: Sequence[np.ndarray], positions: np.ndarray) -> np.ndarray:
+  """Share of the needle's secret tokens held in the sparse cache, per layer and kv head.
+
+  Args:
+    cached: per layer int [B, Hkv, lam] cached positions (-1 = empty), e.g. `cached_positions`.
+    positions: int [B, K] the secret's token positions per row.
+  Returns:
+    float [B, L, Hkv] in [0, 1].
+  """
+  out = []
+  for pos in cached:
+    pos = np.asarray(pos)
+    hit = (pos[:, :, :, None] == positions[:, None, None, :]).any(2)  # [B, Hkv, K]
+    out.append(hit.mean(-1))
+  return np.stack(out, 1)
+
+
+def model_cache_coverage(model, examples, batch_size: int = 8) -> float:
+  """Mean share of the secret's tokens in the sparse cache after the prompt (LoLA models)."""
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from lola_jax.state import cached_positions
+
+  @nnx.jit
+  def prefill(m, tokens):
+    _, states = m.prefill(tokens)
+    return [cached_positions(s) for s in states]
+
+  shares = []
+  for s in range(0, len(examples), batch_size):
+    chunk = examples[s : s + batch_size]
+    cached = prefill(model, jnp.asarray(np.stack([e.prompt_ids for e in chunk])))
+    positions = np.stack([needle_positions(e) for e in chunk])
+    shares.append(needle_cache_coverage([np.asarray(c) for c in cached], positions))
+  return float(np.concatenate(shares).mean())

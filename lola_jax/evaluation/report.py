@@ -75,3 +75,19 @@ def mqar_table(rows) -> str:
     cells += [_kib(r0["state_bytes"]), _kib(r0["full_kv_bytes"])]
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
+
+
+def coverage_table(rows) -> str:
+  """Share of the needle's secret tokens in the sparse cache, per LoLA method, task and context."""
+  sel = [r for r in rows if "needle_in_cache" in r]
+  contexts = sorted({r["context"] for r in sel})
+  head = ["method", "task"] + [f"@{c}" for c in contexts]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for label in _labels(sel):
+    for task in ("passkey", "niah"):
+      rs = {r["context"]: r for r in sel if r["label"] == label and r["task"] == task}
+      if rs:
+        cells = [label, task]
+        cells += [f"{100 * rs[c]['needle_in_cache']:.0f}%" if c in rs else "" for c in contexts]
+        lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
