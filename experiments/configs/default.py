@@ -49,6 +49,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every = 100
   c.train.keep_checkpoints = 3
   c.train.async_checkpoint = True
+  c.train.stop_at_step = 0  # > 0: save and stop at this step (as if preempted)
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 3e-3

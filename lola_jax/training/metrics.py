@@ -190,7 +190,8 @@ def format_duration(seconds: float) -> str:
 def progress_line(
   step: int, total: int, loss: float, tokens_per_s: float, eta_s: float, extra: str = ""
 ) -> str:
+  speed = f"{tokens_per_s / 1000:.1f}k" if math.isfinite(tokens_per_s) else "-"
   return (
-    f"step {step:>6d}/{total} | loss {loss:.4f} | {tokens_per_s / 1000:.1f}k tok/s | "
+    f"step {step:>6d}/{total} | loss {loss:.4f} | {speed} tok/s | "
     f"eta {format_duration(eta_s)}" + (f" | {extra}" if extra else "")
   )

@@ -6,7 +6,8 @@ Config layout (ml_collections; see experiments/configs/default.py for every fiel
   lola.*          LoLAConfig fields (chunk_size, cache_size, mix, policy);
   task.name, task.seq_len, task.options   -> lola_jax.data.get_task;
   train.*         steps, batch_size, grad_accum_steps, mode ("lm" | "distill"), log/eval/save
-                  cadence, keep_checkpoints;
+                  cadence, keep_checkpoints, stop_at_step (save and stop there, as if
+                  preempted: time-sliced jobs and resume tests);
   optim.*         lr, warmup_steps, end_lr_factor, weight_decay, b1, b2, eps, clip_norm;
   distill.*       teacher_workdir, finetune_steps, finetune_lr, finetune_warmup_steps;
   mesh.*          data, fsdp, tensor (-1 = remaining devices).
@@ -360,9 +361,10 @@ def train_and_evaluate(config, workdir: str, *, task=None, eval_task=None) -> di
             flush=True,
           )
         result.update(record)
-      if ckpt.should_save(step) or step == s.total_steps or preempt.requested:
+      stop_here = step == config.train.get("stop_at_step", 0)
+      if ckpt.should_save(step) or step == s.total_steps or preempt.requested or stop_here:
         ckpt.save(step, state, {"data_position": step, "mode": mode, "model_config": repr(mc)})
-      if preempt.requested:
+      if preempt.requested or stop_here:
         result["preempted"] = True
         break
   ckpt.wait()

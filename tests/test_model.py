@@ -1,0 +1,192 @@
+"""LoLALM: the three entry points agree, kinds relate as the spec says, configs validate."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lola_jax import LoLAConfig
+from lola_jax import model as model_lib
+from lola_jax.model import LoLALM, ModelConfig
+
+KINDS = ("softmax", "linear", "hybrid", "lola")
+
+
+def tiny(**kw) -> ModelConfig:
+  base = dict(
+    vocab_size=61,
+    num_layers=2,
+    d_model=32,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    mlp_dim=64,
+    feature_dim=8,
+    max_seq_len=48,
+    lola=LoLAConfig(chunk_size=4, cache_size=3),
+  )
+  base.update(kw)
+  return ModelConfig(**base)
+
+
+def tokens(b=2, t=19, seed=1, vocab=61):
+  return jax.random.randint(jax.random.key(seed), (b, t), 0, vocab)
+
+
+class Jitted:
+  """Jitted entry points of a model (eager op-by-op dispatch is slow on CPU)."""
+
+  def __init__(self, m: LoLALM):
+    self.config = m.config
+    g, st = nnx.split(m)
+    self._st = st
+    self._fwd = jax.jit(lambda st, t: nnx.merge(g, st)(t))
+    self._prefill = jax.jit(lambda st, t, n, s: nnx.merge(g, st).prefill(t, n, s))
+    self._decode = jax.jit(lambda st, t, s: nnx.merge(g, st).decode(t, s))
+    self._distill = jax.jit(lambda st, t: nnx.merge(g, st).distill(t))
+    self.model = m
+
+  def __call__(self, t):
+    return self._fwd(self._st, t)
+
+  def prefill(self, t, lengths=None, states=None):
+    return self._prefill(self._st, t, lengths, states)
+
+  def decode(self, t, states):
+    return self._decode(self._st, t, states)
+
+  def distill(self, t):
+    return self._distill(self._st, t)
+
+  def with_lola_config(self, *a, **kw):
+    return Jitted(self.model.with_lola_config(*a, **kw))
+
+
+def make(**kw) -> Jitted:
+  return Jitted(LoLALM(tiny(**kw), rngs=nnx.Rngs(0)))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_prefill_and_decode_equal_training_forward(kind):
+  """Padded prefill, a continuing prefill, then decode steps: every logit equals the forward.
+
+  Row 0 is prefilled with 8 tokens, row 1 with 5 (padded to 8); both continue with a 6-token
+  prefill and then decode one token at a time. Causality makes the forward's prefix logits the
+  reference for every step.
+  """
+  m = make(attention=kind)
+  t_total = 19
+  toks = tokens(t=t_total)
+  full = m(toks)
+  chex.assert_shape(full, (2, t_total, 61))
+  close = lambda a, b: chex.assert_trees_all_close(a, b, atol=2e-5, rtol=2e-5)
+  pos = np.array([8, 5])
+  logits, st = m.prefill(toks[:, :8], jnp.asarray(pos))
+  close(logits[0], full[0, :8])
+  close(logits[1, :5], full[1, :5])
+  cont = jnp.stack([toks[r, pos[r] : pos[r] + 6] for r in range(2)])
+  logits, st = m.prefill(cont, None, st)
+  for r in range(2):
+    close(logits[r], full[r, pos[r] : pos[r] + 6])
+  pos = pos + 6
+  while pos[1] < t_total - 3:
+    step_logits, st = m.decode(jnp.asarray(toks[np.arange(2), pos]), st)
+    close(step_logits, full[np.arange(2), pos])
+    pos = pos + 1
+  np.testing.assert_array_equal(np.asarray(st[0].num_tokens), pos)
+
+
+def test_lola_with_large_cache_equals_softmax():
+  soft = make(attention="softmax")
+  toks = tokens(t=23)
+  for mix in ("gated", "lolcats"):
+    lola = soft.with_lola_config("lola", LoLAConfig(chunk_size=4, cache_size=32, mix=mix))
+    assert lola.config.attention == "lola"
+    chex.assert_trees_all_close(lola(toks), soft(toks), atol=2e-5, rtol=2e-5)
+  # Hybrid (no cache) differs once tokens leave the window.
+  hybrid = soft.with_lola_config("hybrid")
+  assert hybrid.config.lola_config.cache_size == 0
+  assert float(jnp.max(jnp.abs(hybrid(toks) - soft(toks)))) > 1e-3
+
+
+def test_with_lola_config_shares_parameters():
+  m = LoLALM(tiny(attention="hybrid"), rngs=nnx.Rngs(0))
+  other = m.with_lola_config(lola=LoLAConfig(chunk_size=4, cache_size=8))
+  chex.assert_trees_all_equal(nnx.to_pure_dict(nnx.state(m)), nnx.to_pure_dict(nnx.state(other)))
+
+
+def test_pure_logits_helper_matches_module():
+  cfg = tiny(attention="lola", tie_embeddings=False)
+  m = LoLALM(cfg, rngs=nnx.Rngs(0))
+  params = nnx.to_pure_dict(nnx.state(m))
+  toks = tokens()
+  out = jax.jit(model_lib.logits, static_argnums=0)(cfg, params, toks)
+  chex.assert_trees_all_close(out, Jitted(m)(toks), atol=1e-6, rtol=1e-6)
+  fresh = model_lib.init_params(cfg, jax.random.key(0))
+  chex.assert_trees_all_equal_shapes(fresh, params)
+
+
+def test_distill_targets_are_softmax():
+  cfg = tiny(attention="lola", lola=LoLAConfig(chunk_size=4, cache_size=32))
+  m = Jitted(LoLALM(cfg, rngs=nnx.Rngs(0)))
+  toks = tokens()
+  logits, mses = m.distill(toks)
+  chex.assert_shape(mses, (2,))
+  soft = m.with_lola_config("softmax")
+  chex.assert_trees_all_close(logits, soft(toks), atol=1e-5, rtol=1e-5)
+  assert float(jnp.max(mses)) < 1e-10  # cache >= T: LoLA is exact softmax
+  _, mses_h = m.with_lola_config("hybrid").distill(toks)
+  assert float(jnp.min(mses_h)) > 0
+
+
+def test_trainable_masks():
+  cfg = tiny(attention="softmax")
+  params = model_lib.init_params(cfg, jax.random.key(0))
+  fm = model_lib.trainable_mask(cfg, params, "feature_maps")
+  flat = jax.tree_util.tree_flatten_with_path(fm)[0]
+  names = {jax.tree_util.keystr(p) for p, v in flat if v}
+  assert names and all(("phi_" in n or "gate" in n) for n in names)
+  all_mask = model_lib.trainable_mask(cfg, params, "all")
+  assert not any(
+    v
+    for p, v in jax.tree_util.tree_flatten_with_path(all_mask)[0]
+    if "phi_" in jax.tree_util.keystr(p)
+  )
+
+
+@pytest.mark.parametrize("feature_map", ["hedgehog", "elu", "identity"])
+def test_feature_maps(feature_map):
+  cfg = tiny(attention="linear", feature_map=feature_map)
+  assert cfg.phi_dim == (16 if feature_map == "hedgehog" else 8)
+  out = Jitted(LoLALM(cfg, rngs=nnx.Rngs(0)))(tokens())
+  assert bool(jnp.all(jnp.isfinite(out))) or feature_map == "identity"
+
+
+def test_bfloat16_compute_keeps_float32_params_and_states():
+  cfg = tiny(attention="lola", dtype="bfloat16")
+  m = Jitted(LoLALM(cfg, rngs=nnx.Rngs(0)))
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(m.model)))
+  toks = tokens()
+  out = m(toks)
+  assert out.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(out)))
+  _, st = m.prefill(toks)
+  assert st[0].linear_h.dtype == jnp.float32
+  ref = m.with_lola_config(dtype="float32")(toks)
+  assert float(jnp.sqrt(jnp.mean((out - ref) ** 2) / jnp.mean(ref**2))) < 0.05
+
+
+@pytest.mark.parametrize(
+  "kw, field",
+  [
+    (dict(num_heads=6, num_kv_heads=4), "num_kv_heads"),
+    (dict(attention="flash"), "attention"),
+    (dict(feature_map="relu"), "feature_map"),
+    (dict(head_dim=7), "head_dim"),
+    (dict(dtype="int8"), "dtype"),
+  ],
+)
+def test_bad_config_names_field(kw, field):
+  with pytest.raises(ValueError, match=field):
+    tiny(**kw)
