@@ -40,19 +40,25 @@ class RMSNorm(nnx.Module):
 
 
 class Embed(nnx.Module):
-  """Token embedding [V, E]; `attend` reuses it as the tied output projection."""
+  """Token embedding [V, E]; `attend` reuses it as the tied output projection.
 
-  def __init__(self, vocab_size: int, dim: int, *, dtype, rngs: nnx.Rngs):
+  `scale=True` multiplies the looked-up vectors by sqrt(E) (Gemma); Llama uses `scale=False`.
+  """
+
+  def __init__(self, vocab_size: int, dim: int, *, dtype, rngs: nnx.Rngs, scale: bool = True):
     self.embedding = nnx.Param(
       _normal(rngs.params(), (vocab_size, dim), dim**-0.5), logical_axes=("vocab", "embed")
     )
     self.dtype = dtype
     self.dim = dim
+    self.scale = scale
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
-    """int [B, T] -> [B, T, E] (scaled by sqrt(E), as in Gemma)."""
+    """int [B, T] -> [B, T, E] (scaled by sqrt(E) when `scale`, as in Gemma)."""
     x = jnp.take(self.embedding[...], tokens, axis=0)
-    return (x * jnp.sqrt(jnp.float32(self.dim))).astype(self.dtype)
+    if self.scale:
+      x = x * jnp.sqrt(jnp.float32(self.dim))
+    return x.astype(self.dtype)
 
   def attend(self, x: jax.Array) -> jax.Array:
     """[B, T, E] -> float32 logits [B, T, V]."""
@@ -104,19 +110,73 @@ class SwiGLU(nnx.Module):
 # Rotary positions.
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-  """Rotary position embedding (rotate-half form).
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """Rotary frequency scaling of long-context checkpoints (frozen, hashable).
+
+  rope_type "linear": every frequency divided by `factor` (positions interpolated).
+  rope_type "llama3" (Llama 3.1): with wavelength w_i = 2 pi / f_i and L0 the original context,
+    w_i < L0 / high_freq_factor          keep f_i;
+    w_i > L0 / low_freq_factor           f_i / factor;
+    otherwise                            (1 - a) f_i / factor + a f_i,
+                                         a = (L0 / w_i - low_freq_factor)
+                                             / (high_freq_factor - low_freq_factor).
+  """
+
+  rope_type: str = "llama3"
+  factor: float = 8.0
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max_position_embeddings: int = 8192
+
+  def __post_init__(self):
+    if self.rope_type not in ("linear", "llama3"):
+      raise ValueError(
+        f"RopeScaling.rope_type must be 'linear' or 'llama3', got {self.rope_type!r}"
+      )
+    if not self.factor > 0:
+      raise ValueError(f"RopeScaling.factor must be > 0, got {self.factor!r}")
+    if self.rope_type == "llama3" and not self.high_freq_factor > self.low_freq_factor:
+      raise ValueError(
+        "RopeScaling.high_freq_factor must exceed low_freq_factor, got "
+        f"{self.high_freq_factor!r} <= {self.low_freq_factor!r}"
+      )
+
+
+def rope_frequencies(d: int, theta: float, scaling: RopeScaling | None = None) -> jax.Array:
+  """float32 [d/2] rotary frequencies f_i = theta^(-2i/d), optionally scaled."""
+  freq = theta ** (-jnp.arange(0, d // 2, dtype=jnp.float32) * 2.0 / d)
+  if scaling is None:
+    return freq
+  if scaling.rope_type == "linear":
+    return freq / scaling.factor
+  l0 = float(scaling.original_max_position_embeddings)
+  wavelen = 2.0 * jnp.pi / freq
+  scaled = jnp.where(wavelen > l0 / scaling.low_freq_factor, freq / scaling.factor, freq)
+  a = (l0 / wavelen - scaling.low_freq_factor) / (
+    scaling.high_freq_factor - scaling.low_freq_factor
+  )
+  smooth = (1.0 - a) * scaled / scaling.factor + a * scaled
+  medium = (wavelen >= l0 / scaling.high_freq_factor) & (wavelen <= l0 / scaling.low_freq_factor)
+  return jnp.where(medium, smooth, scaled)
+
+
+def apply_rope(
+  x: jax.Array, positions: jax.Array, theta: float, scaling: RopeScaling | None = None
+) -> jax.Array:
+  """Rotary position embedding (rotate-half form, as Hugging Face Llama).
 
   Args:
     x: [B, T, H, d], d even.
     positions: int [B, T] absolute positions.
     theta: base wavelength.
+    scaling: optional long-context frequency scaling (`RopeScaling`).
 
   Returns:
     [B, T, H, d] in x.dtype.
   """
   d = x.shape[-1]
-  freq = theta ** (-jnp.arange(0, d // 2, dtype=jnp.float32) * 2.0 / d)  # [d/2]
+  freq = rope_frequencies(d, theta, scaling)  # [d/2]
   angle = positions.astype(jnp.float32)[..., None, None] * freq  # [B, T, 1, d/2]
   sin, cos = jnp.sin(angle), jnp.cos(angle)
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)

@@ -62,6 +62,8 @@ class ModelConfig:
     norm_eps: RMSNorm epsilon.
     gate_init: initial gate logit (g = sigmoid(gate_init)).
     linear_eps: added to the linear-attention denominator of the "linear" kind.
+    rope_scaling: optional `layers.RopeScaling` (Llama 3.1 "llama3" or "linear"); None = plain.
+    scale_embeddings: multiply input embeddings by sqrt(E) (Gemma); False for Llama checkpoints.
   """
 
   vocab_size: int = 256
@@ -82,6 +84,8 @@ class ModelConfig:
   norm_eps: float = 1e-6
   gate_init: float = 0.0
   linear_eps: float = 1e-6
+  rope_scaling: layers.RopeScaling | None = None
+  scale_embeddings: bool = True
 
   def __post_init__(self):
     for name in (
@@ -113,6 +117,11 @@ class ModelConfig:
       )
     if self.dtype not in DTYPES:
       raise ValueError(f"ModelConfig.dtype must be one of {DTYPES}, got {self.dtype!r}")
+    if self.rope_scaling is not None and not isinstance(self.rope_scaling, layers.RopeScaling):
+      raise ValueError(
+        "ModelConfig.rope_scaling must be None or a layers.RopeScaling, got "
+        f"{type(self.rope_scaling).__name__}"
+      )
     if not isinstance(self.lola, LoLAConfig):
       raise ValueError(f"ModelConfig.lola must be a LoLAConfig, got {type(self.lola).__name__}")
 
@@ -215,8 +224,8 @@ class Attention(nnx.Module):
   def qkv(self, x: jax.Array, positions: jax.Array):
     """x [B, T, E], positions int [B, T] -> q [B,T,Hq,d], k, v [B,T,Hkv,d] (rotary applied)."""
     c = self.config
-    q = layers.apply_rope(self.q_proj(x), positions, c.rope_theta)
-    k = layers.apply_rope(self.k_proj(x), positions, c.rope_theta)
+    q = layers.apply_rope(self.q_proj(x), positions, c.rope_theta, c.rope_scaling)
+    k = layers.apply_rope(self.k_proj(x), positions, c.rope_theta, c.rope_scaling)
     return q, k, self.v_proj(x)
 
   def attend(self, q, k, v, positions, state, lengths, *, decode: bool = False):
@@ -310,7 +319,9 @@ class LoLALM(nnx.Module):
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     self.config = config
     dt = config.compute_dtype
-    self.embed = layers.Embed(config.vocab_size, config.d_model, dtype=dt, rngs=rngs)
+    self.embed = layers.Embed(
+      config.vocab_size, config.d_model, dtype=dt, rngs=rngs, scale=config.scale_embeddings
+    )
     self.blocks = nnx.List([Block(config, rngs=rngs) for _ in range(config.num_layers)])
     self.final_norm = layers.RMSNorm(config.d_model, eps=config.norm_eps, dtype=dt)
     if not config.tie_embeddings:
