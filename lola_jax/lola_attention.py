@@ -69,12 +69,32 @@ def _ungroup(y):
   return y.transpose(0, 3, 1, 2, 4).reshape(b, t, h * g, d)
 
 
-def _end_of_chunk(config, state_cache: Candidates, window: Candidates, linear_h, linear_s):
-  """Cache update when a chunk completes: candidates are the old cache + the leaving window."""
+def _end_of_chunk(
+  config, state_cache: Candidates, window: Candidates, linear_h, linear_s, scores=None
+):
+  """Cache update when a chunk completes: candidates are the old cache + the leaving window.
+
+  `scores`: optional [B, Hkv, L + C] self-recall errors of [cache; window] already computed
+  against (linear_h, linear_s) (the fused Pallas step).
+  """
   cand = jax.tree_util.tree_map(
     lambda a, b: jnp.concatenate([a, b], axis=-2 if a.ndim == 4 else -1), state_cache, window
   )
-  return update_sparse_cache(config, cand, linear_h, linear_s)
+  return update_sparse_cache(config, cand, linear_h, linear_s, scores=scores)
+
+
+def _prefill_uses_pallas(config: LoLAConfig, acc_dtype) -> bool:
+  """Which chunk step `lola_prefill` runs, from `config.implementation`.
+
+  "pallas": the fused Pallas chunk step (`pallas_kernels.lola_chunk`; interpret mode on CPU).
+  "xla": the plain-JAX step. None: Pallas on TPU/GPU, XLA on CPU. "reference": the XLA step too
+  (`lola_reference` is float64 NumPy and cannot run under jit; call it directly). Float64 inputs
+  (whose state accumulates in float64) always take the XLA step: the kernel accumulates in f32.
+  """
+  impl = config.implementation
+  if impl is None:
+    impl = "pallas" if jax.default_backend() in ("tpu", "gpu", "cuda", "rocm") else "xla"
+  return impl == "pallas" and acc_dtype != jnp.float64
 
 
 def _select(pred, new, old):
@@ -96,7 +116,6 @@ def _window_candidates(k, v, phi_k, has_window, start):
   return Candidates(k=k, v=v, phi_k=phi_k, positions=pos)
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
 def lola_prefill(q, k, v, phi_q, phi_k, gate, *, config: LoLAConfig, state=None, lengths=None):
   """Runs LoLA attention over a block of tokens, continuing from `state`.
 
@@ -104,7 +123,11 @@ def lola_prefill(q, k, v, phi_q, phi_k, gate, *, config: LoLAConfig, state=None,
     q: [B, T, Hq, dk] queries.  k: [B, T, Hkv, dk] keys.  v: [B, T, Hkv, dv] values.
     phi_q: [B, T, Hq, D] feature-mapped queries.  phi_k: [B, T, Hkv, D] feature-mapped keys.
     gate: [Hq] mixing gate g in (0, 1).
-    config: static LoLAConfig.
+    config: static LoLAConfig. `config.implementation` picks the chunk step: "pallas" runs the
+      fused Pallas kernel (`pallas_kernels.lola_chunk`: softmax over [cache; window; chunk], the
+      linear read-out, the mix and the self-recall errors in one kernel per chunk; interpret
+      mode on CPU), "xla" the plain-JAX step, None Pallas on TPU/GPU and XLA on CPU, "reference"
+      the XLA step (see `_prefill_uses_pallas`). Selection, absorption and compaction are XLA.
     state: a LoLAState to continue from (any number of tokens already seen per row), or None to
       start fresh.
     lengths: [B] int, tokens t >= lengths[b] are right padding: they are ignored, their outputs
@@ -114,7 +137,21 @@ def lola_prefill(q, k, v, phi_q, phi_k, gate, *, config: LoLAConfig, state=None,
     y: [B, T, Hq, dv] in q.dtype, and the state after the real tokens.
   """
   fn = "lola_prefill"
+  if not isinstance(config, LoLAConfig):
+    raise ValueError(f"{fn}: config must be a LoLAConfig, got {type(config).__name__}")
   sizes = validation.check_attention_inputs(fn, q, k, v, phi_q, phi_k, gate, has_time=True)
+  if state is not None:
+    validation.check_state(fn, state, config, sizes)
+  if lengths is not None:  # values are checked here, where they are still concrete
+    validation.check_lengths(fn, lengths, sizes["B"], sizes["T"])
+  return _lola_prefill(q, k, v, phi_q, phi_k, gate, config=config, state=state, lengths=lengths)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _lola_prefill(q, k, v, phi_q, phi_k, gate, *, config: LoLAConfig, state, lengths):
+  """The jitted body of `lola_prefill` (inputs already validated)."""
+  sizes = validation.check_attention_inputs("lola_prefill", q, k, v, phi_q, phi_k, gate,
+                                            has_time=True)
   b, t, hq, hkv, c = sizes["B"], sizes["T"], sizes["Hq"], sizes["Hkv"], config.chunk_size
   fresh = state is None
   if fresh:
@@ -127,12 +164,9 @@ def lola_prefill(q, k, v, phi_q, phi_k, gate, *, config: LoLAConfig, state=None,
       feature_dim=sizes["D"],
       dtype=k.dtype,
     )
-  else:
-    validation.check_state(fn, state, config, sizes)
   if lengths is None:
     lengths = jnp.full((b,), t, jnp.int32)
   else:
-    validation.check_lengths(fn, lengths, b, t)
     lengths = lengths.astype(jnp.int32)
   store = state.cache_k.dtype
 
@@ -170,6 +204,36 @@ def lola_prefill(q, k, v, phi_q, phi_k, gate, *, config: LoLAConfig, state=None,
 
   gate_g = gate.reshape(hkv, hq // hkv)
   causal = jnp.tril(jnp.ones((c, c), bool))
+  use_pallas = _prefill_uses_pallas(config, state.linear_h.dtype)
+
+  def fused_attend(cache, win_phi, has_window, lin_h, lin_s, qb, phi_qb, keys, values, real_b):
+    """The Pallas chunk step: y and the self-recall errors of [cache; window] in one kernel."""
+    from pallas_kernels.lola_chunk import lola_chunk_step  # lazy: pallas_kernels imports lola_jax
+
+    key_mask = jnp.concatenate(
+      [
+        cache.valid,
+        jnp.broadcast_to(has_window[:, None, None], (b, hkv, c)),
+        jnp.broadcast_to(real_b[:, None, :], (b, hkv, c)),
+      ],
+      axis=-1,
+    )
+    return lola_chunk_step(
+      _group_queries(qb, hkv),
+      _group_queries(phi_qb, hkv),
+      keys,
+      values,
+      key_mask,
+      jnp.concatenate([cache.phi_k, win_phi], axis=-2),
+      lin_h,
+      lin_s,
+      gate_g,
+      cache_size=config.cache_size,
+      mix=config.mix,
+      softmax_scale=config.softmax_scale,
+      eps=config.eps,
+      with_sre=config.policy == "sre" and config.cache_size > 0,
+    )
 
   def step(carry, xs):
     cache, win_k, win_v, win_phi, has_window, lin_h, lin_s = carry
@@ -177,6 +241,11 @@ def lola_prefill(q, k, v, phi_q, phi_k, gate, *, config: LoLAConfig, state=None,
     kb, vb, phi_kb = heads_first(kb), heads_first(vb), heads_first(phi_kb)
     keys = jnp.concatenate([cache.k, win_k, kb], axis=-2)
     values = jnp.concatenate([cache.v, win_v, vb], axis=-2)
+    if use_pallas:
+      y, scores = fused_attend(
+        cache, win_phi, has_window, lin_h, lin_s, qb, phi_qb, keys, values, real_b
+      )
+      return _finish_step(carry, y, scores, kb, vb, phi_kb, real_b, chunk_idx)
     mask_cache = jnp.broadcast_to(cache.valid[:, :, None, :], (b, hkv, c, cache.k.shape[-2]))
     mask_win = jnp.broadcast_to(has_window[:, None, None, None], (b, hkv, c, c))
     mask_chunk = jnp.broadcast_to((causal[None] & real_b[:, None, :])[:, None], (b, hkv, c, c))
@@ -192,10 +261,14 @@ def lola_prefill(q, k, v, phi_q, phi_k, gate, *, config: LoLAConfig, state=None,
       lin_s,
       gate_g,
     )
+    return _finish_step(carry, y, None, kb, vb, phi_kb, real_b, chunk_idx)
+
+  def _finish_step(carry, y, scores, kb, vb, phi_kb, real_b, chunk_idx):
     # End of chunk: the old window competes for the cache, this chunk becomes the window.
+    cache, win_k, win_v, win_phi, has_window, lin_h, lin_s = carry
     complete = real_b[:, -1]
     window = _window_candidates(win_k, win_v, win_phi, has_window, (chunk_idx - 1) * c)
-    new_cache, new_h, new_s = _end_of_chunk(config, cache, window, lin_h, lin_s)
+    new_cache, new_h, new_s = _end_of_chunk(config, cache, window, lin_h, lin_s, scores)
     updated = (new_cache, kb, vb, phi_kb, jnp.ones_like(has_window), new_h, new_s)
     carry = _select(complete, updated, carry)
     return carry, _ungroup(y)
@@ -254,7 +327,6 @@ def lola_prefill(q, k, v, phi_q, phi_k, gate, *, config: LoLAConfig, state=None,
   return y.astype(q.dtype), new_state
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
 def lola_decode(q, k, v, phi_q, phi_k, gate, *, config: LoLAConfig, state: LoLAState):
   """Appends one token per row and returns its LoLA output.
 
@@ -268,8 +340,18 @@ def lola_decode(q, k, v, phi_q, phi_k, gate, *, config: LoLAConfig, state: LoLAS
     the sparse cache update runs (once per chunk, for all rows that complete together).
   """
   fn = "lola_decode"
+  if not isinstance(config, LoLAConfig):
+    raise ValueError(f"{fn}: config must be a LoLAConfig, got {type(config).__name__}")
   sizes = validation.check_attention_inputs(fn, q, k, v, phi_q, phi_k, gate, has_time=False)
   validation.check_state(fn, state, config, sizes)
+  return _lola_decode(q, k, v, phi_q, phi_k, gate, config=config, state=state)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _lola_decode(q, k, v, phi_q, phi_k, gate, *, config: LoLAConfig, state: LoLAState):
+  """The jitted body of `lola_decode` (inputs already validated)."""
+  sizes = validation.check_attention_inputs("lola_decode", q, k, v, phi_q, phi_k, gate,
+                                            has_time=False)
   b, hq, hkv, c = sizes["B"], sizes["Hq"], sizes["Hkv"], config.chunk_size
   store = state.cache_k.dtype
   r = state.num_tokens % c

@@ -14,7 +14,9 @@ The default policy ("sre") ranks candidates by their self-recall error against t
 and keeps the L largest (ties: the older position stays). If `|E| <= L` every candidate is kept
 and nothing is absorbed, which the same top-L selection gives for free. "recency" keeps the L
 newest positions. A policy is a function of the candidates and the state returning a keep mask,
-so policies with adaptive budgets (fewer than L kept) fit the same boundary.
+so policies with adaptive budgets (fewer than L kept) fit the same boundary. A caller that has
+already computed the scores (the fused Pallas chunk step computes the self-recall errors while H
+is in fast memory) passes them as `scores=`; policies that rank by something else ignore them.
 """
 
 from __future__ import annotations
@@ -83,19 +85,30 @@ def _top_l(scores: jax.Array, valid: jax.Array, cache_size: int) -> jax.Array:
   return keep & valid
 
 
-def select_sre(config: LoLAConfig, cand: Candidates, linear_h, linear_s) -> jax.Array:
-  """Keep the `cache_size` candidates the linear state recalls worst."""
-  err = self_recall_error(cand.phi_k, cand.v, linear_h, linear_s, config.eps)
+def select_sre(config: LoLAConfig, cand: Candidates, linear_h, linear_s, scores=None) -> jax.Array:
+  """Keep the `cache_size` candidates the linear state recalls worst.
+
+  `scores` ([..., N] float32), when given, are these candidates' self-recall errors against
+  (linear_h, linear_s), computed elsewhere (the fused Pallas chunk step); otherwise computed here.
+  """
+  if scores is None:
+    err = self_recall_error(cand.phi_k, cand.v, linear_h, linear_s, config.eps)
+  else:
+    err = scores
   return _top_l(jax.lax.stop_gradient(err), cand.valid, config.cache_size)
 
 
-def select_recency(config: LoLAConfig, cand: Candidates, linear_h, linear_s) -> jax.Array:
-  """Keep the `cache_size` newest candidates."""
-  del linear_h, linear_s
+def select_recency(
+  config: LoLAConfig, cand: Candidates, linear_h, linear_s, scores=None
+) -> jax.Array:
+  """Keep the `cache_size` newest candidates (precomputed `scores` are ignored)."""
+  del linear_h, linear_s, scores
   return _top_l(cand.positions, cand.valid, config.cache_size)
 
 
-SelectionPolicy = Callable[[LoLAConfig, Candidates, jax.Array, jax.Array], jax.Array]
+# policy(config, cand, linear_h, linear_s) -> keep mask [..., N]; a policy that can use
+# precomputed self-recall errors also accepts `scores=` (only passed when a caller has them).
+SelectionPolicy = Callable[..., jax.Array]
 
 POLICIES: dict[str, SelectionPolicy] = {
   "sre": select_sre,
@@ -117,20 +130,26 @@ def absorb(linear_h, linear_s, cand: Candidates, mask: jax.Array):
   return linear_h, linear_s
 
 
-def update_sparse_cache(config: LoLAConfig, cand: Candidates, linear_h, linear_s):
+def update_sparse_cache(config: LoLAConfig, cand: Candidates, linear_h, linear_s, scores=None):
   """One end-of-chunk update: select, absorb the rest, compact the kept pairs.
 
   Args:
     config: the layer's LoLAConfig (cache_size L, policy, eps).
     cand: N = L + C candidates (old cache, then the chunk leaving the window).
     linear_h: [..., D, dv] float32.  linear_s: [..., D] float32.
+    scores: optional [..., N] float32 self-recall errors of `cand` against (linear_h, linear_s),
+      already computed by the caller; handed to the policy (the "sre" policy then skips its own
+      scoring, "recency" ignores them).
 
   Returns:
     (cache, linear_h, linear_s): `cache` a Candidates of L slots sorted by position with empty
     slots (zeros, position -1) last; the updated linear state.
   """
   policy = POLICIES[config.policy]
-  keep = policy(config, cand, linear_h, linear_s)
+  if scores is None:
+    keep = policy(config, cand, linear_h, linear_s)
+  else:
+    keep = policy(config, cand, linear_h, linear_s, scores=scores)
   linear_h, linear_s = absorb(linear_h, linear_s, cand, cand.valid & ~keep)
   lam = config.cache_size
   # Kept pairs first, in position order; everything else after.

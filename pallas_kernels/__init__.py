@@ -3,5 +3,6 @@
 from pallas_kernels.common import BlockSizes
 from pallas_kernels.hybrid_attention import hybrid_attention
 from pallas_kernels.linear_attention import linear_attention
+from pallas_kernels.lola_chunk import lola_chunk_step
 
-__all__ = ["BlockSizes", "hybrid_attention", "linear_attention"]
+__all__ = ["BlockSizes", "hybrid_attention", "linear_attention", "lola_chunk_step"]

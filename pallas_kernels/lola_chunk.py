@@ -1,0 +1,272 @@
+"""The fused LoLA chunk step (inference with a sparse cache) as one Pallas kernel.
+
+One call handles one chunk n of `lola_jax.lola_prefill`'s scan, one program per (batch row, kv
+head) with the G query heads of the group stacked on the row axis (R = G*C query rows). With the
+softmax set of the chunk's queries laid out as Nk = L + 2C keys `[cache (L); window (C); chunk
+(C)]` and the linear state (H, s) as it stood at the start of the chunk, the program computes,
+with everything in fast memory:
+
+  logits   l = scale * q K^T                                   [R, Nk]
+  mask     key i visible to row r (query position t = r mod C) iff key_mask_i and
+           (i < L + C  or  i - (L + C) <= t)                    (causal inside the chunk)
+  softmax  m = max_visible l (0 if none), S = sum e^{l-m}, N = sum e^{l-m} v
+  linear   a = phi_q H,  z = phi_q s
+  gated    y = (w_s N + w_l a) / (w_s S + w_l z),  w_s = e^{log g + m - c}, w_l = e^{log(1-g) - c},
+           c = max(log g + m, log(1-g) + log max(|z|, 1e-30))     (log space: any logit size)
+  lolcats  y = (g N + a) / (g S + z)
+  sre      e_j = || v_j - phi_k_j^T H / (phi_k_j^T s + eps) ||_2 for the L + C candidates
+           [cache; window] (the pairs competing for the cache when the chunk completes), read
+           against the same H, s as the queries (the state *before* the end-of-chunk update).
+
+Selection (top-L), absorption and compaction stay in XLA (`lola_jax.sparse_cache`): they are
+gathers and a sort over L + C scores, cheap next to the matmuls above, and the policy boundary
+stays open for policies other than "sre".
+
+Gradients: `lola_chunk_step` has a custom VJP whose backward recomputes the step in XLA
+(`lola_chunk_step_xla`, the same math as `lola_jax.lola_attention._attend`) and differentiates it,
+so gradients equal the XLA path's. The self-recall errors are selection scores and are not
+differentiated (the core stops their gradient as well); their cotangent is ignored.
+
+Padding (exact): dk, dv, D are zero-padded to the block sizes; query rows and keys are padded to
+`BlockSizes.chunk_multiple` (and powers of two on GPU) with padded keys masked out and padded rows
+cropped; candidates are padded likewise and their errors cropped.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from lola_jax.mixing import mix_branches, softmax_branch
+from lola_jax.sparse_cache import self_recall_error
+from pallas_kernels import common
+from pallas_kernels.hybrid_xla import NEG, TINY
+from pallas_kernels.linear_attention import _dot
+
+F32 = jnp.float32
+_SQ = pl.squeezed
+
+
+def _chunk_kernel(
+  q_ref, pq_ref, k_ref, v_ref, km_ref, qpos_ref, cphi_ref, h_ref, s_ref, lg_ref, lg1_ref,
+  y_ref, *sre_refs, split, scale, mix, eps,
+):  # fmt: skip
+  """One (batch row, kv head): q [Rp, dk], keys [Nkp, dk], candidates [Ncp, D] -> y, sre."""
+  q, k, v = q_ref[...].astype(F32), k_ref[...].astype(F32), v_ref[...].astype(F32)
+  h, s = h_ref[...].astype(F32), s_ref[...].astype(F32)  # [D, dv], [1, D]
+  logits = _dot(q, k, tb=True) * scale  # [Rp, Nkp]
+  col = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1)
+  visible = (km_ref[...] > 0) & ((col < split) | (col - split <= qpos_ref[...]))
+  masked = jnp.where(visible, logits, NEG)
+  m = jnp.max(masked, axis=1, keepdims=True)
+  m = jnp.where(m > 0.5 * NEG, m, 0.0)
+  p = jnp.where(visible, jnp.exp(masked - m), 0.0)
+  s_soft = jnp.sum(p, axis=1, keepdims=True)
+  n_soft = _dot(p, v)
+  pq = pq_ref[...].astype(F32)
+  a = _dot(pq, h)
+  z = jnp.sum(pq * s, axis=1, keepdims=True)
+  lg, lg1 = lg_ref[...], lg1_ref[...]  # [Rp, 1] log g, log(1-g) of each row's query head
+  if mix == "gated":
+    log_ws = lg + m
+    top = jnp.maximum(log_ws, lg1 + jnp.log(jnp.maximum(jnp.abs(z), TINY)))
+    w_s, w_l = jnp.exp(log_ws - top), jnp.exp(lg1 - top)
+  else:
+    w_s, w_l = jnp.exp(lg) + 0.0 * m, jnp.ones_like(m)
+  den = w_s * s_soft + w_l * z
+  den = jnp.where(den == 0, 1.0, den)
+  y_ref[...] = (w_s * n_soft + w_l * a) / den
+  if sre_refs:
+    (sre_ref,) = sre_refs
+    ncp = cphi_ref.shape[0]
+    phi = cphi_ref[...].astype(F32)  # [Ncp, D]
+    vc = v_ref[pl.ds(0, ncp), :].astype(F32)  # candidates are the first L + C keys
+    recalled = _dot(phi, h) / (jnp.sum(phi * s, axis=1, keepdims=True) + eps)
+    res = vc - recalled
+    sre_ref[...] = jnp.sqrt(jnp.sum(res * res, axis=1, keepdims=True))
+
+
+def _pad(x, shape):
+  return jnp.pad(x, [(0, n - d) for d, n in zip(x.shape, shape, strict=True)])
+
+
+def _forward_pallas(
+  q, phi_q, keys, values, key_mask, cand_phi_k, linear_h, linear_s, gate,
+  *, cache_size, scale, mix, eps, with_sre, block_sizes, interpret,
+):  # fmt: skip
+  """Pads, runs the kernel over grid (B, Hkv), crops. Shapes as `lola_chunk_step`."""
+  bs = block_sizes or common.BlockSizes.get_default()
+  b, hkv, g, c, dk = q.shape
+  dv, d, nk = values.shape[-1], phi_q.shape[-1], keys.shape[-2]
+  nc = cache_size + c
+  rows = g * c
+  dkp, dvp = bs.pad_dim(dk, bs.key_multiple), bs.pad_dim(dv, bs.value_multiple)
+  dp = bs.pad_dim(d, bs.feature_multiple)
+  rp, nkp = bs.pad_dim(rows, bs.chunk_multiple), bs.pad_dim(nk, bs.chunk_multiple)
+  ncp = min(bs.pad_dim(nc, bs.chunk_multiple), nkp)
+
+  qr = _pad(q.reshape(b, hkv, rows, dk), (b, hkv, rp, dkp))
+  pqr = _pad(phi_q.reshape(b, hkv, rows, d).astype(F32), (b, hkv, rp, dp))
+  kp = _pad(keys, (b, hkv, nkp, dkp))
+  vp = _pad(values, (b, hkv, nkp, dvp))
+  km = _pad(key_mask.astype(F32)[:, :, None, :], (b, hkv, 1, nkp))
+  cphi = _pad(cand_phi_k, (b, hkv, ncp, dp))
+  hp = _pad(linear_h.astype(F32), (b, hkv, dp, dvp))
+  sp = _pad(linear_s.astype(F32)[:, :, None, :], (b, hkv, 1, dp))
+  row = jnp.arange(rp, dtype=jnp.int32)
+  qpos = jnp.where(row < rows, row % c, c - 1)[:, None]  # [Rp, 1] position in the chunk
+  gate_rows = jnp.repeat(gate.astype(F32), c, axis=1)  # [Hkv, G*C]
+  gate_rows = jnp.pad(gate_rows, ((0, 0), (0, rp - rows)), constant_values=0.5)[..., None]
+  lg, lg1 = jnp.log(gate_rows), jnp.log1p(-gate_rows)
+
+  per_bh = lambda tail: pl.BlockSpec((_SQ, _SQ) + tail, lambda i, j: (i, j, 0, 0))
+  per_h = lambda tail: pl.BlockSpec((_SQ,) + tail, lambda i, j: (j, 0, 0))
+  in_specs = [
+    per_bh((rp, dkp)),
+    per_bh((rp, dp)),
+    per_bh((nkp, dkp)),
+    per_bh((nkp, dvp)),
+    per_bh((1, nkp)),
+    pl.BlockSpec((rp, 1), lambda i, j: (0, 0)),
+    per_bh((ncp, dp)),
+    per_bh((dp, dvp)),
+    per_bh((1, dp)),
+    per_h((rp, 1)),
+    per_h((rp, 1)),
+  ]
+  out_shape = [jax.ShapeDtypeStruct((b, hkv, rp, dvp), F32)]
+  out_specs = [per_bh((rp, dvp))]
+  if with_sre:
+    out_shape.append(jax.ShapeDtypeStruct((b, hkv, ncp, 1), F32))
+    out_specs.append(per_bh((ncp, 1)))
+  kernel = functools.partial(
+    _chunk_kernel, split=cache_size + c, scale=scale, mix=mix, eps=float(eps)
+  )
+  outs = pl.pallas_call(
+    kernel,
+    out_shape=out_shape,
+    grid=(b, hkv),
+    in_specs=in_specs,
+    out_specs=out_specs,
+    interpret=interpret,
+    name="lola_chunk_step",
+  )(qr, pqr, kp, vp, km, qpos, cphi, hp, sp, lg, lg1)
+  y = outs[0][:, :, :rows, :dv].reshape(b, hkv, g, c, dv)
+  sre = outs[1][:, :, :nc, 0] if with_sre else None
+  return y, sre
+
+
+def chunk_mask(key_mask, cache_size: int, chunk_size: int):
+  """[B, Hkv, L + 2C] key validity -> [B, Hkv, C, L + 2C] softmax mask with the causal chunk."""
+  c, split = chunk_size, cache_size + chunk_size
+  col = jnp.arange(key_mask.shape[-1])
+  causal = (col[None, :] < split) | (col[None, :] - split <= jnp.arange(c)[:, None])
+  return key_mask[:, :, None, :] & causal
+
+
+def lola_chunk_step_xla(
+  q, phi_q, keys, values, key_mask, cand_phi_k, linear_h, linear_s, gate,
+  *, cache_size, scale, mix, eps, with_sre,
+):  # fmt: skip
+  """The same step in plain JAX (`lola_jax.mixing`): the oracle and the backward of the kernel."""
+  acc = linear_h.dtype
+  c = q.shape[-2]
+  mask = chunk_mask(key_mask, cache_size, c)
+  logits = jnp.einsum("bhgqd,bhkd->bhgqk", q, keys, preferred_element_type=acc) * scale
+  m, s, n = softmax_branch(logits, mask[:, :, None], values[:, :, None])
+  phi_q = phi_q.astype(acc)
+  lin_num = jnp.einsum("bhgqf,bhfe->bhgqe", phi_q, linear_h)
+  lin_den = jnp.einsum("bhgqf,bhf->bhgq", phi_q, linear_s)
+  y = mix_branches(m, s, n, lin_num, lin_den, gate[None, :, :, None], mix)
+  sre = None
+  if with_sre:
+    cand_v = values[:, :, : cache_size + c]
+    sre = self_recall_error(cand_phi_k, cand_v, linear_h, linear_s, eps)
+  return y, sre
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10, 11, 12, 13, 14, 15))
+def _step(q, pq, keys, values, key_mask, cand_phi_k, linear_h, linear_s, gate,
+          cache_size, scale, mix, eps, with_sre, block_sizes, interpret):  # fmt: skip
+  return _forward_pallas(
+    q, pq, keys, values, key_mask > 0, cand_phi_k, linear_h, linear_s, gate,
+    cache_size=cache_size, scale=scale, mix=mix, eps=eps, with_sre=with_sre,
+    block_sizes=block_sizes, interpret=interpret,
+  )  # fmt: skip
+
+
+def _step_fwd(q, pq, keys, values, key_mask, cand_phi_k, linear_h, linear_s, gate,
+              cache_size, scale, mix, eps, with_sre, block_sizes, interpret):  # fmt: skip
+  out = _step(
+    q, pq, keys, values, key_mask, cand_phi_k, linear_h, linear_s, gate,
+    cache_size, scale, mix, eps, with_sre, block_sizes, interpret,
+  )  # fmt: skip
+  return out, (q, pq, keys, values, key_mask, cand_phi_k, linear_h, linear_s, gate)
+
+
+def _step_bwd(cache_size, scale, mix, eps, with_sre, block_sizes, interpret, res, cts):
+  del block_sizes, interpret, with_sre
+  q, pq, keys, values, key_mask, cand_phi_k, linear_h, linear_s, gate = res
+  dy = cts[0]  # the self-recall errors are selection scores: their cotangent is dropped
+
+  def y_of(q, pq, keys, values, linear_h, linear_s, gate):
+    return lola_chunk_step_xla(
+      q, pq, keys, values, key_mask > 0, cand_phi_k, linear_h, linear_s, gate,
+      cache_size=cache_size, scale=scale, mix=mix, eps=eps, with_sre=False,
+    )[0]  # fmt: skip
+
+  _, vjp = jax.vjp(y_of, q, pq, keys, values, linear_h, linear_s, gate)
+  dq, dpq, dk, dv, dh, ds, dg = vjp(dy.astype(F32))
+  return (dq, dpq, dk, dv, jnp.zeros_like(key_mask), jnp.zeros_like(cand_phi_k), dh, ds, dg)
+
+
+_step.defvjp(_step_fwd, _step_bwd)
+
+
+def lola_chunk_step(
+  q,  # [B, Hkv, G, C, dk]
+  phi_q,  # [B, Hkv, G, C, D]
+  keys,  # [B, Hkv, L + 2C, dk]   [cache; window; chunk]
+  values,  # [B, Hkv, L + 2C, dv]
+  key_mask,  # [B, Hkv, L + 2C] bool
+  cand_phi_k,  # [B, Hkv, L + C, D]  phi_k of [cache; window]
+  linear_h,  # [B, Hkv, D, dv] float32
+  linear_s,  # [B, Hkv, D] float32
+  gate,  # [Hkv, G] in (0, 1)
+  *,
+  cache_size: int,
+  mix: str = "gated",
+  softmax_scale: float | None = None,
+  eps: float = 1e-6,
+  with_sre: bool = True,
+  block_sizes: common.BlockSizes | None = None,
+  interpret=None,
+):
+  """One LoLA chunk step fused in a Pallas kernel (module docstring for the equations).
+
+  `key_mask` says which keys exist (cache slots in use, the window once one chunk is complete,
+  the chunk's real tokens); the causal structure inside the chunk is applied by the kernel.
+  Row t of the chunk sees key L + C + j of the chunk only for j <= t.
+
+  Returns:
+    y: [B, Hkv, G, C, dv] float32 outputs of the chunk's queries.
+    sre: [B, Hkv, L + C] float32 self-recall errors of the candidates [cache; window] against
+      (H, s), or None when `with_sre` is False.
+  """
+  b, hkv, g, c, dk = q.shape
+  nk = keys.shape[-2]
+  if nk != cache_size + 2 * c:
+    raise ValueError(f"keys must have L + 2C = {cache_size + 2 * c} rows, got {nk}")
+  if cand_phi_k.shape[-2] != cache_size + c:
+    raise ValueError(f"cand_phi_k must have L + C = {cache_size + c} rows, got {cand_phi_k.shape}")
+  if mix not in ("gated", "lolcats"):
+    raise ValueError(f"mix must be 'gated' or 'lolcats', got {mix!r}")
+  scale = dk**-0.5 if softmax_scale is None else float(softmax_scale)
+  interpret = common.interpret_mode() if interpret is None else interpret
+  return _step(
+    q, phi_q, keys, values, key_mask.astype(F32), cand_phi_k, linear_h, linear_s, gate,
+    cache_size, scale, mix, float(eps), bool(with_sre), block_sizes, interpret,
+  )  # fmt: skip

@@ -1,0 +1,190 @@
+"""The fused LoLA chunk step (pallas_kernels.lola_chunk) and lola_prefill's implementation switch.
+
+lola_prefill(implementation="pallas") runs the kernel in interpret mode here (CPU); it must equal
+implementation="xla" and the float64 lola_reference (relative RMS <= 1e-5 in float32, identical
+cached positions). Gradients go through the kernel's custom VJP (an XLA recomputation of the step)
+and must equal the XLA path's.
+"""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from core_utils import make_inputs, rel_rms, time_slice
+from kernels_helpers import BF16_RTOL, assert_rel_rms
+
+from lola_jax import LoLAConfig, cached_positions, lola_prefill, lola_reference
+from pallas_kernels import BlockSizes, lola_chunk_step
+from pallas_kernels.lola_chunk import lola_chunk_step_xla
+
+TOL = 1e-5
+# Tiny shapes: B=2, Hq=4 over Hkv=2 (GQA), T=13 with C=3 (T % C != 0), cache L=2 so the cache
+# overflows from the third chunk on and both selection and absorption run.
+SHAPE = dict(batch=2, time=13, q_heads=4, kv_heads=2, key_dim=4, value_dim=3, feature_dim=3)
+
+
+def cfg(impl, **kw):
+  base = dict(chunk_size=3, cache_size=2, mix="gated", policy="sre")
+  base.update(kw)
+  return LoLAConfig(implementation=impl, **base)
+
+
+def sorted_positions(state):
+  return np.sort(np.asarray(cached_positions(state)), axis=-1)
+
+
+def check_against_xla_and_reference(inputs, **kw):
+  yp, sp = lola_prefill(*inputs, config=cfg("pallas", **kw))
+  yx, sx = lola_prefill(*inputs, config=cfg("xla", **kw))
+  yr, cr = lola_reference(*inputs, config=cfg("xla", **kw), return_cache=True)
+  assert_rel_rms(yp, yx, TOL, "pallas vs xla")
+  assert_rel_rms(yp, yr, TOL, "pallas vs reference")
+  np.testing.assert_array_equal(sorted_positions(sp), sorted_positions(sx))
+  np.testing.assert_array_equal(sorted_positions(sp), np.sort(cr, axis=-1))
+  for name in ("linear_h", "linear_s", "cache_k", "window_v", "chunk_phi_k"):
+    assert_rel_rms(getattr(sp, name), getattr(sx, name), TOL, name)
+  np.testing.assert_array_equal(sp.num_tokens, sx.num_tokens)
+
+
+@pytest.mark.parametrize(
+  "mix,policy",
+  [
+    ("gated", "sre"),
+    ("lolcats", "recency"),
+    pytest.param("lolcats", "sre", marks=pytest.mark.slow),
+    pytest.param("gated", "recency", marks=pytest.mark.slow),
+  ],
+)
+def test_prefill_pallas_matches_xla_and_reference(mix, policy):
+  check_against_xla_and_reference(make_inputs(0, **SHAPE), mix=mix, policy=policy)
+
+
+@pytest.mark.slow
+def test_prefill_pallas_cache_zero_and_large_cache():
+  inputs = make_inputs(1, **SHAPE)
+  check_against_xla_and_reference(inputs, cache_size=0)
+  check_against_xla_and_reference(inputs, cache_size=16)  # never overflows: exact softmax
+
+
+def test_prefill_pallas_continues_state_with_lengths():
+  """Prompt of 5 tokens, then 8 more with row 1 padded after 6: pallas == xla, state too."""
+  inputs = make_inputs(2, **SHAPE)
+  first, rest = time_slice(inputs, 0, 5), time_slice(inputs, 5, 13)
+  lengths = jnp.array([8, 6], jnp.int32)
+  _, st = lola_prefill(*first, config=cfg("xla"))  # the fresh pallas prefill is tested above
+  outs = {
+    impl: lola_prefill(*rest, config=cfg(impl), state=st, lengths=lengths)
+    for impl in ("pallas", "xla")
+  }
+  (yp, sp), (yx, sx) = outs["pallas"], outs["xla"]
+  assert_rel_rms(yp, yx, TOL, "y")
+  np.testing.assert_array_equal(np.asarray(yp[1, 6:]), 0.0)
+  np.testing.assert_array_equal(sorted_positions(sp), sorted_positions(sx))
+  assert_rel_rms(sp.linear_h, sx.linear_h, TOL, "linear_h")
+  np.testing.assert_array_equal(sp.num_tokens, sx.num_tokens)
+  # Row 0 saw all 13 tokens: it equals the reference of the whole sequence.
+  yr = lola_reference(*inputs, config=cfg("xla"))
+  assert_rel_rms(yp[0], yr[0, 5:], TOL, "row 0 vs reference")
+
+
+def test_gradients_match_xla():
+  inputs = make_inputs(3, batch=1, time=8, q_heads=2, kv_heads=1, key_dim=4, value_dim=3,
+                       feature_dim=3)  # fmt: skip
+
+  def loss(impl):
+    f = lambda *xs: lola_prefill(*xs, config=cfg(impl, mix="lolcats"))[0]
+    return lambda *xs: jnp.sum(jnp.sin(3.0 * f(*xs)))
+
+  grads = jax.grad(loss("pallas"), argnums=range(6))(*inputs)
+  ref = jax.grad(loss("xla"), argnums=range(6))(*inputs)
+  for name, g, r in zip(["q", "k", "v", "phi_q", "phi_k", "gate"], grads, ref, strict=True):
+    chex.assert_equal_shape((g, r))
+    assert_rel_rms(g, r, TOL, f"d{name}")
+
+
+def test_bf16_within_tolerance_of_f32():
+  """bf16 inputs (cache stored in bf16) vs the f32 run: within BF16_RTOL (kernels_helpers)."""
+  inputs = make_inputs(4, **SHAPE)
+  y32, _ = lola_prefill(*inputs, config=cfg("pallas"))
+  y16, _ = lola_prefill(*(x.astype(jnp.bfloat16) for x in inputs), config=cfg("pallas"))
+  assert y16.dtype == jnp.bfloat16
+  assert np.isfinite(np.asarray(y16, np.float32)).all()
+  assert_rel_rms(y16, y32, BF16_RTOL, "bf16 vs f32")
+
+
+def kernel_inputs(seed, b=2, hkv=2, g=2, c=4, lam=3, dk=5, dv=3, d=6):
+  """Inputs of one chunk step (NumPy RNG: eager jax.random ops compile one by one, slowly)."""
+  rng = np.random.default_rng(seed)
+  nk = lam + 2 * c
+  key_mask = rng.uniform(size=(b, hkv, nk)) > 0.3
+  key_mask[0, 0, : lam + c] = False  # row 0 of chunk sees only itself (if real)
+  key_mask[0, 0, lam + c] = False  # ... and query 0 of that head sees no key at all
+  args = (
+    rng.normal(size=(b, hkv, g, c, dk)),
+    np.exp(0.5 * rng.normal(size=(b, hkv, g, c, d))),
+    rng.normal(size=(b, hkv, nk, dk)),
+    rng.normal(size=(b, hkv, nk, dv)),
+    key_mask,
+    np.exp(0.5 * rng.normal(size=(b, hkv, lam + c, d))),
+    rng.uniform(size=(b, hkv, d, dv)),
+    rng.uniform(size=(b, hkv, d)) + 1.0,
+    rng.uniform(0.2, 0.8, size=(hkv, g)),
+  )
+  return tuple(
+    jnp.asarray(x) if x.dtype == bool else jnp.asarray(x, jnp.float32) for x in args
+  ), lam
+
+
+@pytest.mark.parametrize(
+  "block_sizes",
+  [None, BlockSizes(16, 16, 16, 16, pow2=True)],  # the GPU padding (powers of two >= 16)
+  ids=["unpadded", "gpu_padding"],
+)
+def test_kernel_matches_xla_step(block_sizes):
+  """y and the self-recall errors, with masked keys (rows seeing no key at all included)."""
+  args, lam = kernel_inputs(5)
+  kw = dict(cache_size=lam, mix="gated", softmax_scale=None, eps=1e-6)
+  step = jax.jit(lambda *a: lola_chunk_step(*a, **kw, block_sizes=block_sizes))
+  y, sre = step(*args)
+  scale = args[0].shape[-1] ** -0.5
+  xla_step = jax.jit(
+    lambda *a: lola_chunk_step_xla(
+      *a, cache_size=lam, scale=scale, mix="gated", eps=1e-6, with_sre=True
+    )
+  )
+  yx, srex = xla_step(*args)
+  chex.assert_shape(y, (2, 2, 2, 4, 3))
+  chex.assert_shape(sre, (2, 2, lam + 4))
+  assert_rel_rms(y, yx, TOL, "y")
+  assert_rel_rms(sre, srex, TOL, "sre")
+
+
+def test_dispatch_none_is_xla_on_cpu_and_reference_is_xla():
+  inputs = make_inputs(0, **SHAPE)
+
+  def uses_pallas(impl):
+    jaxpr = jax.make_jaxpr(lambda *xs: lola_prefill(*xs, config=cfg(impl)))(*inputs)
+    return "pallas_call" in str(jaxpr)
+
+  assert uses_pallas("pallas")
+  assert not uses_pallas("xla")
+  assert not uses_pallas("reference")
+  assert uses_pallas(None) == (jax.default_backend() in ("gpu", "tpu"))
+
+
+def test_bad_kernel_shapes_raise():
+  args, lam = kernel_inputs(6)
+  with pytest.raises(ValueError, match="L \\+ 2C"):
+    lola_chunk_step(*args, cache_size=lam + 1)
+  with pytest.raises(ValueError, match="mix"):
+    lola_chunk_step(*args, cache_size=lam, mix="softmax")
+
+
+def test_large_logits_stay_finite():
+  """Logits of a few hundred (gated mix in log space): finite and equal to the XLA path."""
+  inputs = make_inputs(7, logit_scale=60.0, **SHAPE)
+  yp, _ = lola_prefill(*inputs, config=cfg("pallas"))
+  yx, _ = lola_prefill(*inputs, config=cfg("xla"))
+  assert np.isfinite(np.asarray(yp)).all()
+  assert rel_rms(yp, yx) <= TOL
