@@ -66,3 +66,11 @@ def tiny_config(**train):
 
 def tasks(config):
   return CopyTask(config.task.seq_len, config.seed), CopyTask(config.task.seq_len, config.seed + 1)
+
+
+def get_config():
+  """Tiny config on the real byte-LM task (for the binary in subprocess tests)."""
+  c = tiny_config()
+  c.model.vocab_size = 256
+  c.task.name = "lm"
+  return c

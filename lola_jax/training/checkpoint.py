@@ -10,14 +10,15 @@ A checkpoint (directory `<workdir>/checkpoints/<step>`) holds two items:
 Orbax writes into a temporary directory and renames it when complete, so a save interrupted
 half-way never shows up as a step. A finalised checkpoint that was damaged later (truncated or
 deleted files, bit flips) is caught either by Orbax failing to read it or by the fingerprint
-(float64 sum and sum of squares of every array) not matching; it is then reported and the
-previous step is tried. If checkpoints exist but none is readable, restoring raises: training
-never silently restarts from scratch.
+(float32 sum and sum of squares of every array) not matching; it is then reported, moved aside
+to `corrupted-<step>-<time>`, and the previous step is tried. If checkpoints exist but none is
+readable, restoring raises: training never silently restarts from scratch.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import jax
@@ -25,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
 
 from lola_jax import sharding as sharding_lib
 
@@ -116,8 +118,11 @@ class Checkpointer:
       except Exception as e:  # noqa: BLE001 - any failure to read means a damaged checkpoint
         msg = f"checkpoint {step} in {self.directory} is corrupted or unreadable: {e!r}"
         logging.error(msg)
-        print(f"WARNING: {msg}; trying the previous checkpoint", flush=True)
-        errors.append(msg)
+        moved = self._quarantine(step)
+        print(
+          f"WARNING: {msg[:400]}; moved it to {moved}; trying the previous checkpoint", flush=True
+        )
+        errors.append(msg[:1000])
         continue
       if errors:
         print(f"Resumed from checkpoint {step} after skipping {len(errors)} damaged one(s)")
@@ -126,6 +131,17 @@ class Checkpointer:
       f"all {len(steps)} checkpoints in {self.directory} are damaged; refusing to restart from "
       "scratch (delete the directory to start over):\n" + "\n".join(errors)
     )
+
+  def _quarantine(self, step: int) -> str:
+    """Move a damaged step aside (kept for inspection) so that it can be written again."""
+    src = os.path.join(self.directory, str(step))
+    dst = os.path.join(self.directory, f"corrupted-{step}-{int(time.time())}")
+    if jax.process_index() == 0 and os.path.isdir(src):
+      os.rename(src, dst)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"lola_quarantine_{step}")
+    self.manager.reload()
+    return dst
 
   def close(self) -> None:
     self.manager.wait_until_finished()

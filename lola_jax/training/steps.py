@@ -86,7 +86,7 @@ def train_step(config, tx, params, opt_state, batch, *, kind="lm", accum=1, mask
   if mask is not None:
     updates = _mask_tree(mask, updates)  # weight decay must not move frozen parameters
   params = optax.apply_updates(params, updates)
-  metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+  metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
   if "layer_mse" in aux:
     metrics["layer_mse"] = aux["layer_mse"] / batch["inputs"].shape[0]
   return params, opt_state, metrics
