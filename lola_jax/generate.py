@@ -1,0 +1,359 @@
+"""Autoregressive generation with a state whose size does not depend on the number of tokens.
+
+Legend: B batch rows, T prompt length (padded), V vocab, N tokens generated.
+
+    out = generate(config, params, prompts, lengths, max_new_tokens=64,
+                   sampling=Sampling(temperature=0.8, top_p=0.9), key=jax.random.key(0),
+                   stop_tokens=(eos,))
+    out.tokens        # int32 [B, N], pad_id after a row's stop token
+    out.num_generated # int32 [B], the stop token included
+
+    for block in generate_stream(...):   # int32 [B, n] numpy blocks as they are produced
+      print(tokenizer.decode(block[0]), end="", flush=True)
+
+How it runs:
+  1. `prefill` (jitted) runs the right-padded prompts [B, T] with their lengths [B] through the
+     model once: every row's per-layer state holds exactly its own `lengths[b]` tokens, and the
+     logits of each row's last real token are gathered.
+  2. `_decode_block` (jitted, a `lax.while_loop`) repeats: sample a token from the logits of each
+     row, emit it, feed it to `LoLALM.decode` (one token per row, positions continue from each
+     row's own token count). It stops after `block_size` steps or when every row has produced a
+     stop token. The loop carry is (states, logits [B, V], done [B], count [B]); for LoLA/hybrid/
+     linear the states have fixed shapes (window + sparse cache + linear state), so memory is
+     the same after 10 or 10^6 tokens. Softmax attention's KV cache needs T + N slots and is
+     allocated once at that size (the baseline the benchmark compares against).
+  3. `generate_stream` calls the block repeatedly and yields each block to the host (streaming);
+     `generate` collects the blocks.
+
+Sampling (per row, `Sampling`): temperature 0 = greedy (argmax); otherwise logits / temperature,
+then top-k (keep the k largest), then top-p (keep the smallest set of most likely tokens whose
+probability reaches p), then a categorical draw. Row b's draw at its n-th generated token uses
+`fold_in(keys[b], n)`: a row's samples depend only on its own key and history, so a batch row
+equals that row generated alone with the same key (pass `key` [B] keys, or one key that is split
+per row with `fold_in(key, b)`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lola_jax import model as model_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+  """How the next token is drawn from the logits (frozen, hashable: a static jit argument).
+
+  temperature: 0 means greedy argmax; > 0 divides the logits.
+  top_k: keep only the k most likely tokens (0 = all).
+  top_p: nucleus sampling; keep the smallest set of most likely tokens with total mass >= p
+    (1.0 = all).
+  """
+
+  temperature: float = 0.0
+  top_k: int = 0
+  top_p: float = 1.0
+
+  def __post_init__(self):
+    if not self.temperature >= 0:
+      raise ValueError(f"Sampling.temperature must be >= 0, got {self.temperature!r}")
+    if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+      raise ValueError(f"Sampling.top_k must be an int >= 0, got {self.top_k!r}")
+    if not 0.0 < self.top_p <= 1.0:
+      raise ValueError(f"Sampling.top_p must be in (0, 1], got {self.top_p!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateOutput:
+  """tokens: int32 [B, N] (pad_id after a stop); num_generated: int32 [B]; states: final."""
+
+  tokens: np.ndarray
+  num_generated: np.ndarray
+  states: Any = None
+
+
+def sample_logits(logits: jax.Array, keys: jax.Array, sampling: Sampling) -> jax.Array:
+  """Draw one token per row.
+
+  Args:
+    logits: float [B, V].
+    keys: [B] PRNG keys (one per row; unused when greedy).
+    sampling: `Sampling`.
+
+  Returns:
+    int32 [B].
+  """
+  logits = logits.astype(jnp.float32)
+  if sampling.temperature == 0.0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = logits / sampling.temperature
+  neg = jnp.finfo(jnp.float32).min
+  v = logits.shape[-1]
+  if 0 < sampling.top_k < v:
+    kth = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]  # [B, 1]
+    logits = jnp.where(logits < kth, neg, logits)
+  if sampling.top_p < 1.0:
+    order = jnp.argsort(-logits, axis=-1)
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly more likely tokens
+    keep_sorted = before < sampling.top_p  # the most likely token is always kept
+    keep = (
+      jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
+    )
+    logits = jnp.where(keep, logits, neg)
+  return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
+
+
+def state_bytes(states) -> int:
+  """Bytes held by a (per-layer) decode state pytree (arrays or ShapeDtypeStructs)."""
+  return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(states))
+
+
+def _row_keys(key: jax.Array | None, batch: int) -> jax.Array:
+  """[B] keys: `key` itself when it is [B] keys, else fold_in(key, b)."""
+  if key is None:
+    key = jax.random.key(0)
+  if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    key = jax.random.wrap_key_data(key)
+  if key.ndim == 1:
+    if key.shape[0] != batch:
+      raise ValueError(f"key must be one PRNG key or [{batch}] keys, got shape {key.shape}")
+    return key
+  return jax.vmap(lambda b: jax.random.fold_in(key, b))(jnp.arange(batch))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "max_len", "state_sharding"))
+def _prefill(config, params, prompts, lengths, *, max_len, state_sharding=None):
+  """prompts int [B, T], lengths [B] -> (logits of each row's last token [B, V], states)."""
+  lm = model_lib.bind(config, params)
+  logits, states = lm.prefill(prompts, lengths, max_len=max_len)
+  if state_sharding is not None:
+    states = jax.lax.with_sharding_constraint(states, state_sharding.shardings)
+  last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
+  return last, states
+
+
+@functools.partial(
+  jax.jit,
+  static_argnames=("config", "sampling", "stop_tokens", "block_size", "pad_id", "state_sharding"),
+  donate_argnames=("states",),
+)
+def _decode_block(
+  config,
+  params,
+  states,
+  logits,
+  done,
+  count,
+  keys,
+  limit,
+  *,
+  sampling,
+  stop_tokens,
+  block_size,
+  pad_id,
+  state_sharding=None,
+):
+  """Up to `min(limit, block_size)` sample-and-feed steps, stopping early when all rows are done.
+
+  Args:
+    states: per-layer decode states; logits: float32 [B, V] of the next token; done: bool [B];
+    count: int32 [B] tokens generated so far per row; keys: [B] row keys; limit: int32 scalar.
+
+  Returns:
+    (tokens int32 [B, block_size] (pad_id where nothing was produced), states, logits, done,
+    count, steps taken).
+  """
+  lm = model_lib.bind(config, params)
+  b = logits.shape[0]
+  stops = jnp.asarray(stop_tokens if stop_tokens else (-1,), jnp.int32)
+
+  def constrain(st):
+    if state_sharding is None:
+      return st
+    return jax.lax.with_sharding_constraint(st, state_sharding.shardings)
+
+  def cond(carry):
+    i, _, _, _, done, _ = carry
+    return (i < jnp.minimum(limit, block_size)) & ~jnp.all(done)
+
+  def body(carry):
+    i, out, states, logits, done, count = carry
+    step_keys = jax.vmap(jax.random.fold_in)(keys, count)
+    tok = sample_logits(logits, step_keys, sampling)
+    tok = jnp.where(done, pad_id, tok)
+    out = out.at[:, i].set(tok)
+    count = count + (~done).astype(jnp.int32)
+    done = done | jnp.any(tok[:, None] == stops[None, :], axis=-1)
+    logits, states = lm.decode(tok, states)
+    return i + 1, out, constrain(states), logits.astype(jnp.float32), done, count
+
+  out = jnp.full((b, block_size), pad_id, jnp.int32)
+  carry = (jnp.int32(0), out, constrain(states), logits, done, count)
+  i, out, states, logits, done, count = jax.lax.while_loop(cond, body, carry)
+  return out, states, logits, done, count, i
+
+
+@dataclasses.dataclass(frozen=True)
+class _StateSharding:
+  """Hashable holder of the decode states' shardings (a static jit argument)."""
+
+  shardings: Any
+
+  def __hash__(self):
+    return id(self.shardings)
+
+  def __eq__(self, other):
+    return isinstance(other, _StateSharding) and other.shardings is self.shardings
+
+
+def _validate(prompts, lengths, max_new_tokens, block_size):
+  if prompts.ndim != 2:
+    raise ValueError(f"prompts must be int [B, T], got shape {prompts.shape}")
+  if not jnp.issubdtype(prompts.dtype, jnp.integer):
+    raise ValueError(f"prompts must be integer tokens, got {prompts.dtype}")
+  b, t = prompts.shape
+  lengths = np.full((b,), t, np.int32) if lengths is None else np.asarray(lengths, np.int32)
+  if lengths.shape != (b,):
+    raise ValueError(f"lengths must be int [{b}], got shape {lengths.shape}")
+  if (lengths < 1).any() or (lengths > t).any():
+    raise ValueError(f"lengths must be in [1, {t}] (every prompt needs a token), got {lengths}")
+  if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+  if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
+    raise ValueError(f"block_size must be None or an int >= 1, got {block_size!r}")
+  return lengths
+
+
+def generate_stream(
+  config: model_lib.ModelConfig,
+  params,
+  prompts,
+  lengths=None,
+  *,
+  max_new_tokens: int,
+  sampling: Sampling = Sampling(),
+  key: jax.Array | None = None,
+  stop_tokens: Sequence[int] = (),
+  pad_id: int = 0,
+  block_size: int | None = 64,
+  mesh=None,
+  final: dict | None = None,
+) -> Iterator[np.ndarray]:
+  """Yields int32 [B, n] numpy blocks of generated tokens (n <= block_size) as they are produced.
+
+  Args:
+    config, params: the model (`model.ModelConfig`, a pure parameter dict).
+    prompts: int [B, T] right-padded prompts; lengths: int [B] real tokens per row (default T).
+    max_new_tokens: N, tokens generated per row at most (the stop token included).
+    sampling: `Sampling` (greedy by default); key: one PRNG key or [B] keys.
+    stop_tokens: a row stops after producing one of these; later positions hold pad_id.
+    block_size: decode steps per jitted block (None = all N in one block).
+    mesh: optional `jax.sharding.Mesh`: parameters, prompts and decode states are sharded with
+      `lola_jax.sharding`'s rules (batch over data/fsdp, heads over tensor).
+    final: optional dict that receives "states", "num_generated" when the stream ends.
+  """
+  prompts = jnp.asarray(prompts)
+  lengths = _validate(prompts, lengths, max_new_tokens, block_size)
+  b, t = prompts.shape
+  block_size = block_size or max_new_tokens
+  stop_tokens = tuple(int(s) for s in stop_tokens)
+  max_len = t + max_new_tokens  # KV-cache slots (softmax only; LoLA ignores it)
+  keys = _row_keys(key, b)
+  state_sharding = None
+  lengths = jnp.asarray(lengths)
+  if mesh is not None:
+    from lola_jax import sharding as sh
+
+    params = jax.device_put(params, sh.param_shardings(config, mesh))
+    batch = sh.batch_sharding(mesh)
+    prompts = jax.device_put(prompts, batch)
+    lengths = jax.device_put(lengths, batch)
+    abstract = jax.eval_shape(lambda p: model_lib.bind(config, p).init_states(b, max_len), params)
+    state_sharding = _StateSharding(sh.decode_state_shardings(abstract, mesh))
+  logits, states = _prefill(
+    config, params, prompts, lengths, max_len=max_len, state_sharding=state_sharding
+  )
+  done = jnp.zeros((b,), bool)
+  count = jnp.zeros((b,), jnp.int32)
+  produced = 0
+  while produced < max_new_tokens:
+    out, states, logits, done, count, steps = _decode_block(
+      config,
+      params,
+      states,
+      logits,
+      done,
+      count,
+      keys,
+      jnp.int32(max_new_tokens - produced),
+      sampling=sampling,
+      stop_tokens=stop_tokens,
+      block_size=block_size,
+      pad_id=pad_id,
+      state_sharding=state_sharding,
+    )
+    steps = int(steps)
+    produced += steps
+    if steps:
+      yield np.asarray(out[:, :steps])
+    if steps < min(block_size, max_new_tokens - produced + steps):
+      break  # every row has stopped
+  if final is not None:
+    final["states"] = states
+    final["num_generated"] = np.asarray(count)
+
+
+def generate(
+  config: model_lib.ModelConfig,
+  params,
+  prompts,
+  lengths=None,
+  *,
+  max_new_tokens: int,
+  sampling: Sampling = Sampling(),
+  key: jax.Array | None = None,
+  stop_tokens: Sequence[int] = (),
+  pad_id: int = 0,
+  block_size: int | None = None,
+  mesh=None,
+  callback: Callable[[np.ndarray], None] | None = None,
+) -> GenerateOutput:
+  """Generate up to `max_new_tokens` per row; see `generate_stream` for the arguments.
+
+  `callback`, when given, receives every block of tokens (int32 [B, n]) as it is produced.
+  Returns `GenerateOutput` with tokens [B, max_new_tokens] (pad_id past each row's end).
+  """
+  final: dict = {}
+  blocks = []
+  for block in generate_stream(
+    config,
+    params,
+    prompts,
+    lengths,
+    max_new_tokens=max_new_tokens,
+    sampling=sampling,
+    key=key,
+    stop_tokens=stop_tokens,
+    pad_id=pad_id,
+    block_size=block_size,
+    mesh=mesh,
+    final=final,
+  ):
+    if callback is not None:
+      callback(block)
+    blocks.append(block)
+  b = np.asarray(prompts).shape[0]
+  tokens = np.full((b, max_new_tokens), pad_id, np.int32)
+  if blocks:
+    cat = np.concatenate(blocks, axis=1)
+    tokens[:, : cat.shape[1]] = cat
+  return GenerateOutput(tokens=tokens, num_generated=final["num_generated"], states=final["states"])
