@@ -15,13 +15,13 @@ def get_config():
   c.model.attention = "hybrid"
   c.lola.cache_size = 0
   c.train.mode = "distill"
-  c.train.steps = 150
+  c.train.steps = 100
   c.train.eval_every = 100
   c.train.checkpoint_every = 100
   c.optim.lr = 1e-2
   c.optim.warmup_steps = 10
   c.optim.weight_decay = 0.0
-  c.distill.finetune_steps = 100
+  c.distill.finetune_steps = 60
   c.distill.finetune_lr = 1e-3
   c.distill.finetune_warmup_steps = 10
   return c

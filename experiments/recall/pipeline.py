@@ -44,6 +44,7 @@ flags.DEFINE_bool("niah", True, "Evaluate the needle in natural text.")
 
 TEACHER_CONFIG = "experiments/configs/recall_teacher.py"
 DISTILL_CONFIG = "experiments/configs/recall_distill.py"
+NETS = ("teacher", "hybrid")
 
 
 def _train(config_path, workdir, overrides, log):
@@ -183,30 +184,59 @@ def methods(preset, hybrid_config):
 
 def evaluate(preset, workdir, overrides, params_dir=None):
   """Stage 3: every method on pass-key, niah and MQAR; returns (rows, cells)."""
+  import numpy as np
+
   from lola_jax.data import retrieval_example
   from lola_jax.evaluation import (
     evaluate_mqar,
     evaluate_retrieval,
     full_kv_bytes,
-    model_cache_coverage,
     model_generate,
     model_predict,
     model_state_bytes,
+    needle_cache_coverage,
+    needle_positions,
   )
+  from lola_jax.state import LoLAState, cached_positions
 
-  teacher_cfg, teacher = _load(
-    "experiments.configs.recall_teacher", os.path.join(workdir, "teacher"), overrides
+  files = {n: os.path.join(params_dir, f"{n}.npz") if params_dir else None for n in NETS}
+  _, teacher = _load(
+    "experiments.configs.recall_teacher",
+    os.path.join(workdir, "teacher"),
+    overrides,
+    files["teacher"],
   )
   hybrid_cfg, hybrid = _load(
-    "experiments.configs.recall_distill", os.path.join(workdir, "hybrid"), overrides
+    "experiments.configs.recall_distill",
+    os.path.join(workdir, "hybrid"),
+    overrides,
+    files["hybrid"],
   )
+  if FLAGS.export_params_dir:
+    os.makedirs(FLAGS.export_params_dir, exist_ok=True)
+    for name, net in (("teacher", teacher), ("hybrid", hybrid)):
+      export_params(net, os.path.join(FLAGS.export_params_dir, f"{name}.npz"))
   tasks = ["passkey"] + (["niah"] if FLAGS.niah else [])
   rows, cells = [], []
   for label, method, attention, lola in methods(preset, hybrid_cfg):
     base = teacher if method == "teacher" else hybrid
     model = base.with_lola_config(attention=attention, lola=lola)
     cfg = model.config
-    generate = model_generate(model)
+    recorded = {}  # (task, context) -> per prompt batch, per layer cached positions [B,Hkv,lam]
+    current = {}
+
+    def record(states, current=current, recorded=recorded):
+      if isinstance(states[0], LoLAState):
+        recorded.setdefault(current["key"], []).append(
+          [np.asarray(cached_positions(st)) for st in states]
+        )
+
+    generate_fn = model_generate(model, on_prefill=record)
+
+    def generate(prompts, num_new, current=current, generate_fn=generate_fn):
+      current["key"] = (current["task"], prompts.shape[1])
+      return generate_fn(prompts, num_new)
+
     common = {
       "label": label,
       "method": method,
@@ -226,6 +256,7 @@ def evaluate(preset, workdir, overrides, params_dir=None):
       )
 
     for task in tasks:
+      current["task"] = task
       task_cells = []
       for context in preset["contexts"]:
         task_cells += evaluate_retrieval(
@@ -248,8 +279,9 @@ def evaluate(preset, workdir, overrides, params_dir=None):
             for d in preset["depths"]
             for i in range(preset["samples"])
           ]
-          batch = max(1, 16384 // context)
-          extra["needle_in_cache"] = model_cache_coverage(model, examples, batch)
+          positions = np.stack([needle_positions(e) for e in examples])
+          cached = [np.concatenate(layer) for layer in zip(*recorded[(task, context)], strict=True)]
+          extra["needle_in_cache"] = float(needle_cache_coverage(cached, positions).mean())
         rows.append(
           dict(
             common,

@@ -37,8 +37,8 @@ PRESETS = {
   "demo": {
     "overrides": [],
     "teacher_steps": 600,
-    "distill_steps": 150,
-    "finetune_steps": 100,
+    "distill_steps": 100,
+    "finetune_steps": 60,
     "contexts": [512, 1024, 2048, 4096, 8192],
     "depths": [0.0, 0.25, 0.5, 0.75, 1.0],
     "samples": 2,

@@ -142,8 +142,12 @@ def evaluate_mqar(
   return out
 
 
-def model_generate(model) -> Generate:
-  """Greedy generation through `model.prefill` then `model.decode` (one jit per shape)."""
+def model_generate(model, on_prefill: Callable | None = None) -> Generate:
+  """Greedy generation through `model.prefill` then `model.decode` (one jit per shape).
+
+  `on_prefill(states)`, if given, sees the per-layer states right after each prompt batch (e.g. to
+  read which positions the sparse cache holds).
+  """
   import jax.numpy as jnp
   from flax import nnx
 
@@ -160,6 +164,8 @@ def model_generate(model) -> Generate:
   def generate(prompts, num_new):
     prompts = jnp.asarray(prompts, jnp.int32)
     token, states = prefill(model, prompts, prompts.shape[1] + num_new)
+    if on_prefill is not None:
+      on_prefill(states)
     out = [token]
     for _ in range(num_new - 1):
       token, states = decode(model, token, states)
