@@ -9,6 +9,15 @@ FLOPs counted (per head and batch row, chunk C, D = dv = d): the chunked algorit
 4*T*C*d (intra-chunk scores and mix) + 6*T*d^2 (read-out, state update) for the forward, and 2x
 that again for the backward; the same count is used for every method so TFLOP/s compare
 throughput on one workload. Pallas runs only where it compiles natively (TPU/GPU).
+
+--suite=lola times the fused LoLA chunk step instead: `lola_jax.lola_prefill` (inference, sparse
+cache of --cache_size pairs, forward only) with implementation "xla" and, on TPU/GPU, "pallas"
+(`pallas_kernels.lola_chunk`, one kernel per chunk; Pallas interpret mode on CPU says nothing
+about speed, so it is skipped there). FLOPs per chunk, kv head and batch row (G query heads per
+kv head, Nk = L + 2C keys, L + C candidates): 2*G*C*Nk*(dk + dv) softmax + 2*G*C*D*dv read-out +
+4*(L + C)*D*dv self-recall errors and absorption, with dk = dv = D = head dim.
+
+  python -m experiments.benchmarks.bench_kernels --suite=lola --seq_lens=4096 --head_dims=64
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from lola_jax import LoLAConfig, lola_prefill
 from pallas_kernels import linear_attention
 from pallas_kernels.linear_xla import (
   linear_attention_chunked,
@@ -81,6 +91,40 @@ def run(seq_lens, head_dims, batch, heads, chunk, iters, max_quadratic, max_scan
   return rows
 
 
+def lola_flops(b, hkv, group, t, d, chunk, cache):
+  n_chunks = -(-t // chunk)
+  nk, cand = cache + 2 * chunk, cache + chunk
+  per_chunk = 2 * group * chunk * nk * 2 * d + 2 * group * chunk * d * d + 4 * cand * d * d
+  return b * hkv * n_chunks * per_chunk
+
+
+def run_lola(seq_lens, head_dims, batch, heads, kv_heads, chunk, cache, iters, dtype, impls=None):
+  """lola_prefill forward, implementation "xla" (and "pallas" on TPU/GPU), policy sre."""
+  if impls is None:
+    impls = ["xla"] + (["pallas"] if jax.default_backend() in ("gpu", "tpu") else [])
+  rows = []
+  for d in head_dims:
+    for t in seq_lens:
+      ks = jax.random.split(jax.random.PRNGKey(0), 6)
+      q = jax.random.normal(ks[0], (batch, t, heads, d)).astype(dtype)
+      k = jax.random.normal(ks[1], (batch, t, kv_heads, d)).astype(dtype)
+      v = jax.random.normal(ks[2], (batch, t, kv_heads, d)).astype(dtype)
+      phi_q = jax.nn.softplus(jax.random.normal(ks[3], (batch, t, heads, d))).astype(dtype)
+      phi_k = jax.nn.softplus(jax.random.normal(ks[4], (batch, t, kv_heads, d))).astype(dtype)
+      gate = jax.nn.sigmoid(jax.random.normal(ks[5], (heads,)))
+      f = lola_flops(batch, kv_heads, heads // kv_heads, t, d, chunk, cache)
+      for impl in impls:
+        config = LoLAConfig(chunk_size=chunk, cache_size=cache, implementation=impl)
+        fn = jax.jit(lambda *xs, config=config: lola_prefill(*xs, config=config)[0])
+        sec = timeit(fn, (q, k, v, phi_q, phi_k, gate), iters)
+        rows.append(
+          dict(method=f"lola_prefill[{impl}] L={cache}", mode="fwd", T=t, head_dim=d,
+               seconds=sec, tokens_per_s=batch * t / sec, tflops=f / sec / 1e12)
+        )  # fmt: skip
+        print(rows[-1], flush=True)
+  return rows
+
+
 def table(rows, peak):
   lines = [
     "| method | mode | T | head dim | time (ms) | tokens/s | TFLOP/s |"
@@ -98,10 +142,13 @@ def table(rows, peak):
 
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--suite", default="linear", choices=["linear", "lola"])
   p.add_argument("--seq_lens", default="1024,4096,16384")
   p.add_argument("--head_dims", default="64,128")
   p.add_argument("--batch", type=int, default=2)
   p.add_argument("--heads", type=int, default=8)
+  p.add_argument("--kv_heads", type=int, default=8, help="--suite=lola: kv heads (GQA)")
+  p.add_argument("--cache_size", type=int, default=64, help="--suite=lola: sparse cache L")
   p.add_argument("--chunk", type=int, default=64)
   p.add_argument("--iters", type=int, default=3)
   p.add_argument("--max_quadratic", type=int, default=4096, help="skip quadratic above this T")
@@ -109,10 +156,18 @@ def main():
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   p.add_argument("--out", default="bench_kernels.json")
   a = p.parse_args()
-  rows = run(
-    [int(x) for x in a.seq_lens.split(",")], [int(x) for x in a.head_dims.split(",")],
-    a.batch, a.heads, a.chunk, a.iters, a.max_quadratic, a.max_scan, jnp.dtype(a.dtype),
-  )  # fmt: skip
+  seq_lens = [int(x) for x in a.seq_lens.split(",")]
+  head_dims = [int(x) for x in a.head_dims.split(",")]
+  if a.suite == "lola":
+    rows = run_lola(
+      seq_lens, head_dims, a.batch, a.heads, a.kv_heads, a.chunk, a.cache_size, a.iters,
+      jnp.dtype(a.dtype),
+    )  # fmt: skip
+  else:
+    rows = run(
+      seq_lens, head_dims, a.batch, a.heads, a.chunk, a.iters, a.max_quadratic, a.max_scan,
+      jnp.dtype(a.dtype),
+    )  # fmt: skip
   backend = jax.default_backend()
   peak = PEAK_TFLOPS.get(backend)
   md = table(rows, peak)
