@@ -81,7 +81,9 @@ class TensorBoardWriter:
     self._f.write(data + struct.pack("<I", _masked_crc(data)))
 
   def scalars(self, step: int, values: dict[str, float]) -> None:
-    values = {k: float(v) for k, v in values.items() if isinstance(v, (int, float))}
+    values = {
+      k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and math.isfinite(v)
+    }
     if values:
       self._write(_event(time.time(), step, scalars=values))
       self._f.flush()
@@ -167,7 +169,10 @@ class MetricsWriter:
       return
     record = {"step": int(step)}
     for k, v in values.items():
-      record[k] = v if isinstance(v, (str, int, list)) else float(v)
+      if isinstance(v, (str, int, list)):
+        record[k] = v
+      else:
+        record[k] = float(v) if math.isfinite(float(v)) else None  # JSON has no NaN
     self._jsonl.write(json.dumps(record) + "\n")
     self._jsonl.flush()
     self._tb.scalars(step, {k: v for k, v in record.items() if k != "step"})
