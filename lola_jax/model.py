@@ -154,9 +154,13 @@ def _core():
 
 
 def _hybrid_kernel():
-  """`pallas_kernels.hybrid_attention` if it exists (training forward of "hybrid"), else None."""
+  """`pallas_kernels.hybrid_attention` if it exists (training forward of "hybrid"), else None.
+
+  It computes LoLA with cache_size 0 from a fresh state (Pallas on GPU/TPU, its XLA form on CPU)
+  with a custom backward; `LoLAConfig.implementation="reference"` opts out (core scan instead).
+  """
   try:
-    from pallas_kernels import hybrid_attention  # type: ignore[attr-defined]
+    from pallas_kernels import hybrid_attention
   except ImportError:
     return None
   return hybrid_attention
@@ -267,6 +271,21 @@ class Attention(nnx.Module):
       )
       return y[:, None], state
     if state is None:
+      kernel = _hybrid_kernel() if c.attention == "hybrid" else None
+      if kernel is not None and c.lola.implementation != "reference":
+        y = kernel(
+          q,
+          k,
+          v,
+          phi_q,
+          phi_k,
+          gate,
+          chunk_size=c.lola.chunk_size,
+          mix=c.lola.mix,
+          softmax_scale=c.lola.softmax_scale,
+          implementation=c.lola.implementation,
+        )
+        return y, None
       y, _ = lola_prefill(q, k, v, phi_q, phi_k, gate, config=c.lola_config)
       return y, None
     y, state = lola_prefill(
