@@ -79,6 +79,7 @@ class GenerateOutput:
   states: Any = None
 
 
+@functools.partial(jax.jit, static_argnames=("sampling",))
 def sample_logits(logits: jax.Array, keys: jax.Array, sampling: Sampling) -> jax.Array:
   """Draw one token per row.
 
@@ -143,7 +144,7 @@ def _prefill(config, params, prompts, lengths, *, max_len, state_sharding=None):
 
 @functools.partial(
   jax.jit,
-  static_argnames=("config", "sampling", "stop_tokens", "block_size", "pad_id", "state_sharding"),
+  static_argnames=("config", "sampling", "block_size", "state_sharding"),
   donate_argnames=("states",),
 )
 def _decode_block(
@@ -155,18 +156,19 @@ def _decode_block(
   count,
   keys,
   limit,
+  stop_tokens,
+  pad_id,
   *,
   sampling,
-  stop_tokens,
   block_size,
-  pad_id,
   state_sharding=None,
 ):
   """Up to `min(limit, block_size)` sample-and-feed steps, stopping early when all rows are done.
 
   Args:
     states: per-layer decode states; logits: float32 [B, V] of the next token; done: bool [B];
-    count: int32 [B] tokens generated so far per row; keys: [B] row keys; limit: int32 scalar.
+    count: int32 [B] tokens generated so far per row; keys: [B] row keys; limit: int32 scalar;
+    stop_tokens: int32 [S] (-1 pads, never produced); pad_id: int32 scalar.
 
   Returns:
     (tokens int32 [B, block_size] (pad_id where nothing was produced), states, logits, done,
@@ -174,7 +176,7 @@ def _decode_block(
   """
   lm = model_lib.bind(config, params)
   b = logits.shape[0]
-  stops = jnp.asarray(stop_tokens if stop_tokens else (-1,), jnp.int32)
+  stops = stop_tokens
 
   def constrain(st):
     if state_sharding is None:
@@ -265,8 +267,9 @@ def generate_stream(
   lengths = _validate(prompts, lengths, max_new_tokens, block_size)
   b, t = prompts.shape
   block_size = block_size or max_new_tokens
-  stop_tokens = tuple(int(s) for s in stop_tokens)
-  max_len = t + max_new_tokens  # KV-cache slots (softmax only; LoLA ignores it)
+  stops = jnp.asarray(tuple(int(s) for s in stop_tokens) or (-1,), jnp.int32)
+  # KV-cache slots (softmax only; fixed-size states ignore it, so no recompilation per length).
+  max_len = t + max_new_tokens if config.attention == "softmax" else None
   keys = _row_keys(key, b)
   state_sharding = None
   lengths = jnp.asarray(lengths)
@@ -295,10 +298,10 @@ def generate_stream(
       count,
       keys,
       jnp.int32(max_new_tokens - produced),
+      stops,
+      jnp.int32(pad_id),
       sampling=sampling,
-      stop_tokens=stop_tokens,
       block_size=block_size,
-      pad_id=pad_id,
       state_sharding=state_sharding,
     )
     steps = int(steps)
