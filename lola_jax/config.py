@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 
 MIXES = ("gated", "lolcats")
-POLICIES = ("sre", "recency")
+POLICIES = ("sre", "recency", "energy", "energy_global", "random")
 IMPLEMENTATIONS = (None, "xla", "pallas", "reference")
 
 
@@ -24,11 +24,21 @@ class LoLAConfig:
     mix: how the softmax branch (window + cache) and the linear branch are combined:
       "gated": y = (g*sum e^l v + (1-g)*phi_q^T H) / (g*sum e^l + (1-g)*phi_q^T s);
       "lolcats": y = (g*sum e^(l-c) v + phi_q^T H) / (g*sum e^(l-c) + phi_q^T s), c = max l.
-    policy: which candidates stay in the sparse cache when it overflows. "sre" keeps the pairs
-      with the largest self-recall error, "recency" the newest ones.
+    policy: which candidates stay in the sparse cache (`lola_jax.policies`). "sre" keeps the
+      pairs with the largest self-recall error, "recency" the newest ones, "energy" the fewest
+      pairs holding `energy_tau` of the squared self-recall error, "energy_global" shares
+      `cache_budget` slots across the kv heads of a layer, "random" a seeded random choice.
     softmax_scale: logit scale; None means 1/sqrt(key_dim).
     eps: added to the linear denominators phi^T s of the self-recall error.
     implementation: None (automatic), "xla", "pallas" or "reference" for the prefill path.
+    energy_tau: share of the candidates' squared self-recall error the "energy" policies keep,
+      in (0, 1].
+    min_cache: the "energy" policy keeps at least this many pairs (<= cache_size).
+    energy_floor: pairs with squared error below energy_floor * mean ||v||^2 are never cached by
+      the energy policies (a head whose pairs the linear state already predicts keeps nothing).
+    cache_budget: total slots shared by all kv heads of a layer ("energy_global" only, required
+      there); each head still holds at most cache_size.
+    seed: seed of the "random" policy.
   """
 
   chunk_size: int = 64
@@ -38,6 +48,11 @@ class LoLAConfig:
   softmax_scale: float | None = None
   eps: float = 1e-6
   implementation: str | None = None
+  energy_tau: float = 0.9
+  min_cache: int = 0
+  energy_floor: float = 1e-3
+  cache_budget: int | None = None
+  seed: int = 0
 
   def __post_init__(self):
     if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int):
@@ -62,6 +77,32 @@ class LoLAConfig:
       raise ValueError(
         f"implementation must be one of {IMPLEMENTATIONS}, got {self.implementation!r}"
       )
+
+    if not (isinstance(self.energy_tau, (int, float)) and 0 < self.energy_tau <= 1):
+      raise ValueError(f"energy_tau must lie in (0, 1], got {self.energy_tau!r}")
+    if (
+      isinstance(self.min_cache, bool)
+      or not isinstance(self.min_cache, int)
+      or not 0 <= self.min_cache <= self.cache_size
+    ):
+      raise ValueError(
+        f"min_cache must be an int in [0, cache_size={self.cache_size}], got {self.min_cache!r}"
+      )
+    if not (isinstance(self.energy_floor, (int, float)) and self.energy_floor >= 0):
+      raise ValueError(f"energy_floor must be a float >= 0, got {self.energy_floor!r}")
+    if self.cache_budget is not None and (
+      isinstance(self.cache_budget, bool)
+      or not isinstance(self.cache_budget, int)
+      or self.cache_budget < 0
+    ):
+      raise ValueError(f"cache_budget must be None or an int >= 0, got {self.cache_budget!r}")
+    if self.policy == "energy_global" and self.cache_budget is None:
+      raise ValueError(
+        "cache_budget is required with policy='energy_global' (total slots shared by the kv "
+        "heads of a layer), got None"
+      )
+    if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+      raise ValueError(f"seed must be an int, got {self.seed!r}")
 
   def scale(self, key_dim: int) -> float:
     """The logit scale for keys of width `key_dim`."""

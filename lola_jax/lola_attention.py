@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from lola_jax import validation
 from lola_jax.config import LoLAConfig
 from lola_jax.mixing import mix_branches, softmax_branch
+from lola_jax.policies import SRE_POLICIES
 from lola_jax.sparse_cache import Candidates, update_sparse_cache
 from lola_jax.state import LoLAState, init_state
 
@@ -150,8 +151,9 @@ def lola_prefill(q, k, v, phi_q, phi_k, gate, *, config: LoLAConfig, state=None,
 @functools.partial(jax.jit, static_argnames=("config",))
 def _lola_prefill(q, k, v, phi_q, phi_k, gate, *, config: LoLAConfig, state, lengths):
   """The jitted body of `lola_prefill` (inputs already validated)."""
-  sizes = validation.check_attention_inputs("lola_prefill", q, k, v, phi_q, phi_k, gate,
-                                            has_time=True)
+  sizes = validation.check_attention_inputs(
+    "lola_prefill", q, k, v, phi_q, phi_k, gate, has_time=True
+  )
   b, t, hq, hkv, c = sizes["B"], sizes["T"], sizes["Hq"], sizes["Hkv"], config.chunk_size
   fresh = state is None
   if fresh:
@@ -232,7 +234,7 @@ def _lola_prefill(q, k, v, phi_q, phi_k, gate, *, config: LoLAConfig, state, len
       mix=config.mix,
       softmax_scale=config.softmax_scale,
       eps=config.eps,
-      with_sre=config.policy == "sre" and config.cache_size > 0,
+      with_sre=config.policy in SRE_POLICIES and config.cache_size > 0,
     )
 
   def step(carry, xs):
@@ -350,8 +352,9 @@ def lola_decode(q, k, v, phi_q, phi_k, gate, *, config: LoLAConfig, state: LoLAS
 @functools.partial(jax.jit, static_argnames=("config",))
 def _lola_decode(q, k, v, phi_q, phi_k, gate, *, config: LoLAConfig, state: LoLAState):
   """The jitted body of `lola_decode` (inputs already validated)."""
-  sizes = validation.check_attention_inputs("lola_decode", q, k, v, phi_q, phi_k, gate,
-                                            has_time=False)
+  sizes = validation.check_attention_inputs(
+    "lola_decode", q, k, v, phi_q, phi_k, gate, has_time=False
+  )
   b, hq, hkv, c = sizes["B"], sizes["Hq"], sizes["Hkv"], config.chunk_size
   store = state.cache_k.dtype
   r = state.num_tokens % c

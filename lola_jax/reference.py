@@ -1,8 +1,9 @@
 """A slow, obviously-correct float64 NumPy implementation of LoLA attention (tests only).
 
-It follows the semantics token by token with explicit Python sets of positions, independent of
+It follows the semantics token by token with explicit Python lists of positions, independent of
 the chunked JAX code: every query sees the sparse cache, the previous complete chunk and its own
 chunk up to itself with exact softmax, plus the linear state as it stood at its chunk's start.
+Every selection policy of `lola_jax.policies` is written out again here, as plain loops.
 """
 
 from __future__ import annotations
@@ -16,6 +17,86 @@ from lola_jax.config import LoLAConfig
 def _self_recall_error(phi_k, v, linear_h, linear_s, eps):
   recalled = phi_k @ linear_h / (phi_k @ linear_s + eps)
   return float(np.linalg.norm(v - recalled))
+
+
+def _random_score(position: int, head: int, seed: int) -> int:
+  """The seeded lowbias32 hash of `lola_jax.policies.random_scores`, in Python integers."""
+  m = 0xFFFFFFFF
+  x = (position * 0x9E3779B1) & m
+  x ^= (head * 0x85EBCA77 + (seed & m) * 0xC2B2AE3D) & m
+  x ^= x >> 16
+  x = (x * 0x7FEB352D) & m
+  x ^= x >> 15
+  x = (x * 0x846CA68B) & m
+  x ^= x >> 16
+  return x >> 1
+
+
+def _energy_keep(config, candidates, energy, v_sq):
+  """The "energy" choice for one head: a prefix of the candidates by decreasing energy."""
+  lam = config.cache_size
+  ranked = sorted(candidates, key=lambda j: (-energy[j], j))
+  total = sum(energy[j] for j in ranked)
+  if config.energy_tau >= 1.0:
+    prefix = len(ranked)
+  elif total <= 0:
+    prefix = 0
+  else:
+    acc, prefix = 0.0, len(ranked)
+    for n, j in enumerate(ranked):
+      acc += energy[j]
+      if acc >= config.energy_tau * total:
+        prefix = n + 1
+        break
+  count = min(max(prefix, min(config.min_cache, lam)), lam)
+  if not candidates:
+    return []
+  floor = config.energy_floor * np.mean([v_sq[j] for j in candidates])
+  return [j for n, j in enumerate(ranked[:count]) if energy[j] >= floor or n < config.min_cache]
+
+
+def _select(config, candidates_by_head, errors_by_head, v_sq_by_head, heads):
+  """Kept positions per head. candidates: list of positions; errors/v_sq: dicts by position."""
+  lam, policy = config.cache_size, config.policy
+  keep = {}
+  if policy in ("sre", "recency", "random"):
+    for h in heads:
+      cands = candidates_by_head[h]
+      if len(cands) <= lam:
+        keep[h] = list(cands)
+        continue
+      if policy == "sre":
+        ranked = sorted(cands, key=lambda j, h=h: (-errors_by_head[h][j], j))
+      elif policy == "recency":
+        ranked = sorted(cands, key=lambda j: -j)
+      else:
+        ranked = sorted(cands, key=lambda j, h=h: (-_random_score(j, h, config.seed), j))
+      keep[h] = ranked[:lam]
+  elif policy == "energy":
+    for h in heads:
+      energy = {j: e**2 for j, e in errors_by_head[h].items()}
+      keep[h] = _energy_keep(config, candidates_by_head[h], energy, v_sq_by_head[h])
+  elif policy == "energy_global":
+    pool = []
+    for h in heads:
+      cands = candidates_by_head[h]
+      energy = {j: e**2 for j, e in errors_by_head[h].items()}
+      total = sum(energy.values())
+      floor = config.energy_floor * np.mean([v_sq_by_head[h][j] for j in cands]) if cands else 0
+      best = sorted(cands, key=lambda j, energy=energy: (-energy[j], j))[:lam]
+      n_cands = len(cands)
+      for j in best:
+        if energy[j] > 0 and energy[j] >= floor:
+          # Ties across heads: lower head first, then older position (flattened index order).
+          slot = cands.index(j)
+          pool.append((-energy[j] / total, h * (lam + n_cands + 1) + slot, h, j))
+    pool.sort()
+    keep = {h: [] for h in heads}
+    for _, _, h, j in pool[: config.cache_budget]:
+      keep[h].append(j)
+  else:
+    raise ValueError(f"lola_reference: unknown policy {policy!r}")
+  return keep
 
 
 def lola_reference(q, k, v, phi_q, phi_k, gate, *, config: LoLAConfig, return_cache=False):
@@ -38,21 +119,22 @@ def lola_reference(q, k, v, phi_q, phi_k, gate, *, config: LoLAConfig, return_ca
   scale = config.scale(dk)
   y = np.zeros((b_size, t_size, hq, dv))
   cache_out = np.full((b_size, hkv, lam), -1, np.int32)
+  heads = range(hkv)
 
   for b in range(b_size):
-    for h in range(hkv):
-      cache: list[int] = []  # positions in the sparse cache
-      linear_h = np.zeros((feat, dv))
-      linear_s = np.zeros(feat)
-      for t in range(t_size):
-        n = t // c
-        softmax_set = cache + list(range(max(0, (n - 1) * c), t + 1))
+    cache = {h: [] for h in heads}  # positions in each head's sparse cache
+    linear_h = {h: np.zeros((feat, dv)) for h in heads}
+    linear_s = {h: np.zeros(feat) for h in heads}
+    for t in range(t_size):
+      n = t // c
+      for h in heads:
+        softmax_set = cache[h] + list(range(max(0, (n - 1) * c), t + 1))
+        vals = v[b, softmax_set, h]
         for i in range(h * group, (h + 1) * group):
           logits = np.array([scale * q[b, t, i] @ k[b, j, h] for j in softmax_set])
           g = gate[i]
-          lin_num = phi_q[b, t, i] @ linear_h
-          lin_den = phi_q[b, t, i] @ linear_s
-          vals = v[b, softmax_set, h]
+          lin_num = phi_q[b, t, i] @ linear_h[h]
+          lin_den = phi_q[b, t, i] @ linear_s[h]
           if config.mix == "gated":
             w = np.exp(logits)
             num = g * w @ vals + (1 - g) * lin_num
@@ -62,29 +144,29 @@ def lola_reference(q, k, v, phi_q, phi_k, gate, *, config: LoLAConfig, return_ca
             num = g * w @ vals + lin_num
             den = g * w.sum() + lin_den
           y[b, t, i] = num / den
-        if (t + 1) % c == 0:  # chunk n is complete: chunk n-1 leaves the window.
-          leaving = list(range((n - 1) * c, n * c)) if n >= 1 else []
-          candidates = cache + leaving
-          if len(candidates) <= lam:
-            cache = candidates
-            continue
-          if config.policy == "sre":
-            errors = {
-              j: _self_recall_error(phi_k[b, j, h], v[b, j, h], linear_h, linear_s, config.eps)
-              for j in candidates
-            }
-            ranked = sorted(candidates, key=lambda j: (-errors[j], j))
-          elif config.policy == "recency":
-            ranked = sorted(candidates, key=lambda j: -j)
-          else:
-            raise ValueError(f"lola_reference: unknown policy {config.policy!r}")
-          keep = set(ranked[:lam])
-          for j in candidates:
-            if j not in keep:
-              linear_h += np.outer(phi_k[b, j, h], v[b, j, h])
-              linear_s += phi_k[b, j, h]
-          cache = sorted(keep)
-      cache_out[b, h, : len(cache)] = cache
+      if (t + 1) % c:
+        continue
+      # Chunk n is complete: chunk n-1 leaves the window and competes with the cache.
+      leaving = list(range((n - 1) * c, n * c)) if n >= 1 else []
+      candidates = {h: cache[h] + leaving for h in heads}
+      errors = {
+        h: {
+          j: _self_recall_error(phi_k[b, j, h], v[b, j, h], linear_h[h], linear_s[h], config.eps)
+          for j in candidates[h]
+        }
+        for h in heads
+      }
+      v_sq = {h: {j: float(v[b, j, h] @ v[b, j, h]) for j in candidates[h]} for h in heads}
+      keep = _select(config, candidates, errors, v_sq, heads)
+      for h in heads:
+        kept = set(keep[h])
+        for j in candidates[h]:
+          if j not in kept:
+            linear_h[h] += np.outer(phi_k[b, j, h], v[b, j, h])
+            linear_s[h] += phi_k[b, j, h]
+        cache[h] = sorted(kept)
+    for h in heads:
+      cache_out[b, h, : len(cache[h])] = cache[h]
   if return_cache:
     return y, cache_out
   return y

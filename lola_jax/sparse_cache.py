@@ -21,99 +21,13 @@ is in fast memory) passes them as `scores=`; policies that rank by something els
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable
-
 import jax
 import jax.numpy as jnp
 
 from lola_jax.config import LoLAConfig
+from lola_jax.policies import POLICIES, Candidates, self_recall_error
 
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class Candidates:
-  """Pairs competing for the sparse cache, in position order (empty slots have position -1).
-
-  Attributes:
-    k: [..., N, dk]   v: [..., N, dv]   phi_k: [..., N, D]   positions: [..., N] int32.
-  """
-
-  k: jax.Array
-  v: jax.Array
-  phi_k: jax.Array
-  positions: jax.Array
-
-  @property
-  def valid(self) -> jax.Array:
-    return self.positions >= 0
-
-
-def self_recall_error(phi_k, v, linear_h, linear_s, eps: float) -> jax.Array:
-  """|| v - phi_k^T H / (phi_k^T s + eps) ||_2 for every candidate.
-
-  Args:
-    phi_k: [..., N, D] feature-mapped keys.  v: [..., N, dv] values.
-    linear_h: [..., D, dv] float32.  linear_s: [..., D] float32.
-
-  Returns:
-    [..., N] float32 self-recall errors.
-  """
-  phi_k = phi_k.astype(linear_h.dtype)
-  recalled = jnp.einsum("...nd,...de->...ne", phi_k, linear_h)
-  denom = jnp.einsum("...nd,...d->...n", phi_k, linear_s) + eps
-  residual = v.astype(linear_h.dtype) - recalled / denom[..., None]
-  return jnp.sqrt(jnp.sum(residual * residual, axis=-1))
-
-
-def _top_l(scores: jax.Array, valid: jax.Array, cache_size: int) -> jax.Array:
-  """Keep mask of the `cache_size` valid candidates with the largest scores.
-
-  `lax.top_k` breaks ties towards the lower index, and candidates are in position order, so on
-  equal scores the older pair is kept.
-  """
-  if cache_size == 0:
-    return jnp.zeros(valid.shape, bool)
-  n = scores.shape[-1]
-  if jnp.issubdtype(scores.dtype, jnp.floating):
-    masked = jnp.where(valid, scores, -jnp.inf)
-  else:
-    masked = jnp.where(valid, scores, jnp.iinfo(scores.dtype).min)
-  _, idx = jax.lax.top_k(masked, min(cache_size, n))
-  keep = jnp.zeros(valid.shape, bool)
-  keep = jnp.put_along_axis(keep, idx, True, axis=-1, inplace=False)
-  return keep & valid
-
-
-def select_sre(config: LoLAConfig, cand: Candidates, linear_h, linear_s, scores=None) -> jax.Array:
-  """Keep the `cache_size` candidates the linear state recalls worst.
-
-  `scores` ([..., N] float32), when given, are these candidates' self-recall errors against
-  (linear_h, linear_s), computed elsewhere (the fused Pallas chunk step); otherwise computed here.
-  """
-  if scores is None:
-    err = self_recall_error(cand.phi_k, cand.v, linear_h, linear_s, config.eps)
-  else:
-    err = scores
-  return _top_l(jax.lax.stop_gradient(err), cand.valid, config.cache_size)
-
-
-def select_recency(
-  config: LoLAConfig, cand: Candidates, linear_h, linear_s, scores=None
-) -> jax.Array:
-  """Keep the `cache_size` newest candidates (precomputed `scores` are ignored)."""
-  del linear_h, linear_s, scores
-  return _top_l(cand.positions, cand.valid, config.cache_size)
-
-
-# policy(config, cand, linear_h, linear_s) -> keep mask [..., N]; a policy that can use
-# precomputed self-recall errors also accepts `scores=` (only passed when a caller has them).
-SelectionPolicy = Callable[..., jax.Array]
-
-POLICIES: dict[str, SelectionPolicy] = {
-  "sre": select_sre,
-  "recency": select_recency,
-}
+__all__ = ["Candidates", "absorb", "self_recall_error", "update_sparse_cache"]
 
 
 def absorb(linear_h, linear_s, cand: Candidates, mask: jax.Array):

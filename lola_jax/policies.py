@@ -1,0 +1,219 @@
+"""Selection policies: which candidates stay in the sparse cache at the end of a chunk.
+
+A policy maps the candidates `E = G + (chunk n-1)` ([..., Hkv, N] with N = L + C, in position
+order, empty slots at position -1) and the linear state *before* the update to a keep mask
+[..., Hkv, N]. Every valid candidate that is not kept is absorbed. The fixed-budget policies
+keep `min(L, |E|)` pairs; the adaptive ones keep fewer when the extra pairs would add little.
+
+  "sre"       the L largest self-recall errors, ties to the older position:
+              e_i = || v_i - phi(k_i)^T H / (phi(k_i)^T s + eps) ||;
+  "recency"   the L newest positions;
+  "energy"    per head, with energies eps_i = e_i^2 sorted in decreasing order, the smallest
+              prefix whose sum reaches tau * sum(eps), its length clipped to [min_cache, L];
+              pairs with eps_i < floor * mean_{j in E} ||v_j||^2 are dropped from it (the
+              `min_cache` largest are kept regardless). Scored at every chunk end, full or not.
+              With tau = 1 and floor = 0 this is "sre" whenever |E| > L;
+  "energy_global"  one budget of `cache_budget` slots shared by the kv heads of a layer (each
+              still capped at L): energies normalised by their head's total, the largest
+              normalised energies over all heads kept (water-filling), the floor as above;
+  "random"    L candidates chosen by a seeded hash of (position, kv head): deterministic and
+              independent of how the sequence was split into calls.
+
+The head axis is the second-to-last axis of `positions` (only "energy_global" and "random" look
+at it). The fused Pallas chunk step may pass its self-recall errors as `scores=`; policies that
+rank by something else ignore them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from lola_jax.config import LoLAConfig
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Candidates:
+  """Pairs competing for the sparse cache, in position order (empty slots have position -1).
+
+  Attributes:
+    k: [..., N, dk]   v: [..., N, dv]   phi_k: [..., N, D]   positions: [..., N] int32.
+  """
+
+  k: jax.Array
+  v: jax.Array
+  phi_k: jax.Array
+  positions: jax.Array
+
+  @property
+  def valid(self) -> jax.Array:
+    return self.positions >= 0
+
+
+def self_recall_error(phi_k, v, linear_h, linear_s, eps: float) -> jax.Array:
+  """|| v - phi_k^T H / (phi_k^T s + eps) ||_2 for every candidate.
+
+  Args:
+    phi_k: [..., N, D] feature-mapped keys.  v: [..., N, dv] values.
+    linear_h: [..., D, dv] float32.  linear_s: [..., D] float32.
+
+  Returns:
+    [..., N] float32 self-recall errors.
+  """
+  phi_k = phi_k.astype(linear_h.dtype)
+  recalled = jnp.einsum("...nd,...de->...ne", phi_k, linear_h)
+  denom = jnp.einsum("...nd,...d->...n", phi_k, linear_s) + eps
+  residual = v.astype(linear_h.dtype) - recalled / denom[..., None]
+  return jnp.sqrt(jnp.sum(residual * residual, axis=-1))
+
+
+def _top_l(scores: jax.Array, valid: jax.Array, cache_size: int) -> jax.Array:
+  """Keep mask of the `cache_size` valid candidates with the largest scores.
+
+  `lax.top_k` breaks ties towards the lower index, and candidates are in position order, so on
+  equal scores the older pair is kept.
+  """
+  if cache_size == 0:
+    return jnp.zeros(valid.shape, bool)
+  n = scores.shape[-1]
+  if jnp.issubdtype(scores.dtype, jnp.floating):
+    masked = jnp.where(valid, scores, -jnp.inf)
+  else:
+    masked = jnp.where(valid, scores, jnp.iinfo(scores.dtype).min)
+  _, idx = jax.lax.top_k(masked, min(cache_size, n))
+  keep = jnp.zeros(valid.shape, bool)
+  keep = jnp.put_along_axis(keep, idx, True, axis=-1, inplace=False)
+  return keep & valid
+
+
+def select_sre(config: LoLAConfig, cand: Candidates, linear_h, linear_s, scores=None) -> jax.Array:
+  """Keep the `cache_size` candidates the linear state recalls worst.
+
+  `scores` ([..., N] float32), when given, are these candidates' self-recall errors against
+  (linear_h, linear_s), computed elsewhere (the fused Pallas chunk step); otherwise computed here.
+  """
+  if scores is None:
+    err = self_recall_error(cand.phi_k, cand.v, linear_h, linear_s, config.eps)
+  else:
+    err = scores
+  return _top_l(jax.lax.stop_gradient(err), cand.valid, config.cache_size)
+
+
+def select_recency(
+  config: LoLAConfig, cand: Candidates, linear_h, linear_s, scores=None
+) -> jax.Array:
+  """Keep the `cache_size` newest candidates (precomputed `scores` are ignored)."""
+  del linear_h, linear_s, scores
+  return _top_l(cand.positions, cand.valid, config.cache_size)
+
+
+def _energies(config, cand, linear_h, linear_s, scores):
+  """eps_i = sre_i^2 for valid candidates, 0 elsewhere; gradient-stopped."""
+  err = (
+    scores
+    if scores is not None
+    else self_recall_error(cand.phi_k, cand.v, linear_h, linear_s, config.eps)
+  )
+  err = jax.lax.stop_gradient(err)
+  return jnp.where(cand.valid, err * err, 0.0)
+
+
+def _floor_threshold(config, cand, dtype):
+  """energy_floor * mean_{valid j} ||v_j||^2, per head: [..., 1]."""
+  v = jax.lax.stop_gradient(cand.v).astype(dtype)
+  sq = jnp.where(cand.valid, jnp.sum(v * v, axis=-1), 0.0)
+  count = jnp.maximum(jnp.sum(cand.valid, axis=-1, keepdims=True), 1)
+  return config.energy_floor * jnp.sum(sq, axis=-1, keepdims=True) / count
+
+
+def _descending_order(eps, valid):
+  """Candidate indices by decreasing energy; ties keep position order; invalid ones last."""
+  return jnp.argsort(-jnp.where(valid, eps, -1.0), axis=-1, stable=True)
+
+
+def _scatter(ranked_mask, order):
+  """Maps a mask over ranks back to candidate slots."""
+  out = jnp.zeros(ranked_mask.shape, bool)
+  return jnp.put_along_axis(out, order, ranked_mask, axis=-1, inplace=False)
+
+
+def select_energy(config: LoLAConfig, cand: Candidates, linear_h, linear_s, scores=None):
+  """Keep the smallest set of candidates holding `energy_tau` of the squared error (per head)."""
+  lam = config.cache_size
+  if lam == 0:
+    return jnp.zeros(cand.valid.shape, bool)
+  eps = _energies(config, cand, linear_h, linear_s, scores)
+  order = _descending_order(eps, cand.valid)
+  sorted_eps = jnp.take_along_axis(eps, order, axis=-1)
+  num_valid = jnp.sum(cand.valid, axis=-1, keepdims=True)
+  if config.energy_tau >= 1.0:
+    prefix = num_valid
+  else:
+    csum = jnp.cumsum(sorted_eps, axis=-1)
+    target = config.energy_tau * csum[..., -1:]
+    prefix = jnp.sum(csum < target, axis=-1, keepdims=True) + 1
+    prefix = jnp.where(csum[..., -1:] > 0, prefix, 0)
+  count = jnp.clip(prefix, min(config.min_cache, lam), lam)
+  rank = jnp.arange(eps.shape[-1])
+  above_floor = sorted_eps >= _floor_threshold(config, cand, eps.dtype)
+  keep_ranked = (rank < count) & (above_floor | (rank < config.min_cache))
+  return _scatter(keep_ranked, order) & cand.valid
+
+
+def select_energy_global(config: LoLAConfig, cand: Candidates, linear_h, linear_s, scores=None):
+  """One slot budget for all kv heads: the largest head-normalised energies win."""
+  lam = config.cache_size
+  budget = config.cache_budget
+  if lam == 0 or budget == 0:
+    return jnp.zeros(cand.valid.shape, bool)
+  eps = _energies(config, cand, linear_h, linear_s, scores)
+  total = jnp.sum(eps, axis=-1, keepdims=True)
+  normalised = eps / jnp.where(total > 0, total, 1.0)
+  order = _descending_order(eps, cand.valid)
+  rank = jnp.arange(eps.shape[-1])
+  within_cap = _scatter(jnp.broadcast_to(rank < lam, order.shape), order)  # each head's L best
+  eligible = cand.valid & within_cap & (eps >= _floor_threshold(config, cand, eps.dtype))
+  eligible &= eps > 0
+  heads, n = eps.shape[-2], eps.shape[-1]
+  flat_score = jnp.where(eligible, normalised, -jnp.inf).reshape(eps.shape[:-2] + (heads * n,))
+  _, idx = jax.lax.top_k(flat_score, min(budget, heads * n))
+  chosen = jnp.put_along_axis(jnp.zeros(flat_score.shape, bool), idx, True, axis=-1, inplace=False)
+  return chosen.reshape(eps.shape) & eligible
+
+
+def random_scores(positions: jax.Array, seed: int) -> jax.Array:
+  """A seeded 31-bit hash of (position, kv head) as int32 [..., Hkv, N] (lowbias32 mixing)."""
+  head = jax.lax.broadcasted_iota(jnp.uint32, positions.shape, positions.ndim - 2)
+  x = positions.astype(jnp.uint32) * jnp.uint32(0x9E3779B1)
+  x = x ^ (head * jnp.uint32(0x85EBCA77) + jnp.uint32(seed & 0xFFFFFFFF) * jnp.uint32(0xC2B2AE3D))
+  x = x ^ (x >> 16)
+  x = x * jnp.uint32(0x7FEB352D)
+  x = x ^ (x >> 15)
+  x = x * jnp.uint32(0x846CA68B)
+  x = x ^ (x >> 16)
+  return (x >> 1).astype(jnp.int32)
+
+
+def select_random(config: LoLAConfig, cand: Candidates, linear_h, linear_s, scores=None):
+  """Keep `cache_size` candidates chosen by a seeded hash (the ablation's floor)."""
+  del linear_h, linear_s, scores
+  return _top_l(random_scores(cand.positions, config.seed), cand.valid, config.cache_size)
+
+
+# policy(config, cand, linear_h, linear_s, scores=None) -> keep mask [..., N].
+SelectionPolicy = Callable[..., jax.Array]
+
+POLICIES: dict[str, SelectionPolicy] = {
+  "sre": select_sre,
+  "recency": select_recency,
+  "energy": select_energy,
+  "energy_global": select_energy_global,
+  "random": select_random,
+}
+
+# Policies that rank by the self-recall error (the fused kernel's scores are useful to them).
+SRE_POLICIES = ("sre", "energy", "energy_global")
