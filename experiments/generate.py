@@ -1,0 +1,172 @@
+"""Generate text with a LoLA model, streaming it as it is produced.
+
+From a training run (byte tokenizer; the run's config file gives the model):
+  python -m experiments.generate --config=experiments/configs/default.py --workdir=/tmp/lola \
+      --prompt="Once upon a time" --max_new_tokens=200 --temperature=0.8 --top_p=0.9
+
+From a Hugging Face Llama directory (tokenizer.json is used when present, else --prompt_ids):
+  python -m experiments.generate --hf_path=/path/to/Llama-3.2-1B --attention=lola \
+      --chunk_size=64 --cache_size=64 --prompt="The capital of France is" --max_new_tokens=64
+
+The decode state of lola/hybrid has a fixed size: --max_new_tokens can be as large as you like.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Training config file of --workdir's run.")
+flags.DEFINE_string("workdir", None, "Training workdir (reads its newest checkpoint).")
+flags.DEFINE_string("hf_path", None, "Hugging Face Llama directory (config.json, *.safetensors).")
+flags.DEFINE_string("lolcats_path", None, "LoLCATs feature maps / window factors (.safetensors).")
+flags.DEFINE_enum("attention", None, ["softmax", "linear", "hybrid", "lola"], "Override kind.")
+flags.DEFINE_integer("chunk_size", None, "LoLA chunk (window) size override.")
+flags.DEFINE_integer("cache_size", None, "LoLA sparse-cache size override.")
+flags.DEFINE_string("prompt", "", "Prompt text.")
+flags.DEFINE_string("prompt_ids", None, "Comma-separated prompt token ids (instead of --prompt).")
+flags.DEFINE_integer("max_new_tokens", 128, "Tokens to generate at most.")
+flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
+flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = all).")
+flags.DEFINE_float("top_p", 1.0, "Nucleus mass (1 = all).")
+flags.DEFINE_integer("seed", 0, "PRNG seed of the sampler.")
+flags.DEFINE_list("stop_tokens", [], "Token ids that end generation (default: the EOS ids).")
+flags.DEFINE_integer("block_size", 16, "Tokens per jitted decode block (the streaming grain).")
+
+
+class _Ids:
+  """Fallback 'tokenizer' when no text tokenizer exists: ids in, ids out."""
+
+  def encode(self, text):
+    raise app.UsageError("no tokenizer found: pass --prompt_ids")
+
+  def decode(self, ids):
+    return " ".join(str(int(i)) for i in ids) + " "
+
+
+class _HFTokenizer:
+  def __init__(self, path):
+    from tokenizers import Tokenizer
+
+    self.tok = Tokenizer.from_file(path)
+
+  def encode(self, text):
+    return np.asarray(self.tok.encode(text).ids, np.int32)
+
+  def decode(self, ids):
+    return self.tok.decode([int(i) for i in ids])
+
+
+def load_workdir(config, workdir: str):
+  """(ModelConfig, params, stop ids) of the newest checkpoint of a training run."""
+  from lola_jax import model as model_lib
+  from lola_jax.training.checkpoint import restore_params
+  from lola_jax.training.trainer import model_config_from
+
+  mc = model_config_from(config)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(
+    lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
+    jax.eval_shape(lambda: model_lib.init_params(mc, jax.random.key(0))),
+  )
+  params, _ = restore_params(os.path.join(workdir, "checkpoints"), abstract)
+  return mc, params
+
+
+def load_model(
+  *, config=None, workdir=None, hf_path=None, lolcats_path=None, attention=None, **lola
+):
+  """(ModelConfig, params, tokenizer, default stop ids) from a workdir or an HF directory."""
+  import dataclasses
+  import json
+
+  lola = {k: v for k, v in lola.items() if v is not None}
+  if hf_path:
+    from lola_jax.convert import load_hf_llama
+
+    kw = dict(attention=attention or "softmax", lolcats_path=lolcats_path)
+    kw.update(lola)
+    mc, params = load_hf_llama(hf_path, **kw)
+    tok_file = os.path.join(hf_path, "tokenizer.json")
+    tokenizer = _HFTokenizer(tok_file) if os.path.exists(tok_file) else _Ids()
+    with open(os.path.join(hf_path, "config.json")) as fh:
+      eos = json.load(fh).get("eos_token_id")
+    stops = tuple(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    return mc, params, tokenizer, stops
+  if not (config and workdir):
+    raise app.UsageError("pass --hf_path, or --config and --workdir")
+  from lola_jax.data.tokenizer import ByteTokenizer
+
+  mc, params = load_workdir(config, workdir)
+  if attention or lola:
+    mc = mc.replace(attention=attention or mc.attention, lola=dataclasses.replace(mc.lola, **lola))
+  return mc, params, ByteTokenizer(), ()
+
+
+def stream_text(mc, params, tokenizer, prompt_ids, *, out=sys.stdout, **kwargs) -> np.ndarray:
+  """Generates for one prompt, writing the text to `out` block by block; returns the ids."""
+  from lola_jax import generate as gen
+
+  ids: list[int] = []
+  shown = ""
+  for block in gen.generate_stream(mc, params, np.asarray(prompt_ids, np.int32)[None], **kwargs):
+    ids.extend(int(i) for i in block[0])
+    text = tokenizer.decode(ids)
+    # Print only the stable prefix (a multi-byte character may still be incomplete).
+    stable = text.rstrip("\ufffd")
+    out.write(stable[len(shown) :])
+    out.flush()
+    shown = stable
+  out.write(tokenizer.decode(ids)[len(shown) :] + "\n")
+  return np.asarray(ids, np.int32)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from lola_jax import generate as gen
+
+  mc, params, tokenizer, stops = load_model(
+    config=FLAGS.config,
+    workdir=FLAGS.workdir,
+    hf_path=FLAGS.hf_path,
+    lolcats_path=FLAGS.lolcats_path,
+    attention=FLAGS.attention,
+    chunk_size=FLAGS.chunk_size,
+    cache_size=FLAGS.cache_size,
+  )
+  if FLAGS.prompt_ids:
+    prompt = [int(x) for x in FLAGS.prompt_ids.split(",")]
+  else:
+    prompt = list(tokenizer.encode(FLAGS.prompt))
+  if not prompt:
+    raise app.UsageError("empty prompt: pass --prompt or --prompt_ids")
+  if FLAGS.stop_tokens:
+    stops = tuple(int(s) for s in FLAGS.stop_tokens)
+  sampling = gen.Sampling(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
+  print(f"[{mc.attention}, {mc.num_layers} layers, prompt {len(prompt)} tokens]", file=sys.stderr)
+  t0 = time.perf_counter()
+  ids = stream_text(
+    mc,
+    params,
+    tokenizer,
+    prompt,
+    max_new_tokens=FLAGS.max_new_tokens,
+    sampling=sampling,
+    key=jax.random.key(FLAGS.seed),
+    stop_tokens=stops,
+    block_size=FLAGS.block_size,
+  )
+  dt = time.perf_counter() - t0
+  print(f"[{len(ids)} tokens in {dt:.1f}s incl. compilation]", file=sys.stderr)
+
+
+if __name__ == "__main__":
+  app.run(main)
