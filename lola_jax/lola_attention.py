@@ -21,6 +21,7 @@ Shapes: see the legend in `lola_jax.state`; G = Hq // Hkv query heads share each
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -34,7 +35,7 @@ from lola_jax.sparse_cache import Candidates, update_sparse_cache
 from lola_jax.state import LoLAState, init_state
 
 
-def _attend(config, q, phi_q, keys, values, key_mask, linear_h, linear_s, gate):
+def _attend(config, q, phi_q, keys, values, key_mask, linear_h, linear_s, gate, mass_queries=None):
   """LoLA outputs of a block of queries against the softmax set and the linear state.
 
   Args:
@@ -43,9 +44,12 @@ def _attend(config, q, phi_q, keys, values, key_mask, linear_h, linear_s, gate):
     key_mask: bool, broadcastable to [B, Hkv, Tq, Tk]: key i is in query t's softmax set.
     linear_h: [B, Hkv, D, dv] float32  linear_s: [B, Hkv, D] float32
     gate: [Hkv, G] float32 in (0, 1).
+    mass_queries: optional [B, Tq] bool, the queries whose softmax mass is accumulated.
 
   Returns:
-    [B, Hkv, G, Tq, dv] float32.
+    y [B, Hkv, G, Tq, dv] float32, and the softmax mass each key received from `mass_queries`
+    summed over the group, [B, Hkv, Tk] (None when `mass_queries` is None):
+    mass_i = sum_{g, t} e^{l_ti - m_t} / S_t.
   """
   scale = config.scale(q.shape[-1])
   acc = linear_h.dtype  # float32 (float64 for float64 inputs)
@@ -54,7 +58,14 @@ def _attend(config, q, phi_q, keys, values, key_mask, linear_h, linear_s, gate):
   phi_q = phi_q.astype(acc)
   lin_num = jnp.einsum("bhgqf,bhfe->bhgqe", phi_q, linear_h)
   lin_den = jnp.einsum("bhgqf,bhf->bhgq", phi_q, linear_s)
-  return mix_branches(m, s, n, lin_num, lin_den, gate[None, :, :, None], config.mix)
+  y = mix_branches(m, s, n, lin_num, lin_den, gate[None, :, :, None], config.mix)
+  if mass_queries is None:
+    return y, None
+  mask = key_mask[:, :, None]
+  p = jnp.where(mask, jnp.exp(jnp.where(mask, logits, -jnp.inf) - m[..., None]), 0.0)
+  p = p / jnp.where(s > 0, s, 1.0)[..., None]
+  mass = jnp.einsum("bhgqk,bq->bhk", jax.lax.stop_gradient(p), mass_queries.astype(acc))
+  return y, mass
 
 
 def _group_queries(x, num_kv_heads):
@@ -90,12 +101,13 @@ def _prefill_uses_pallas(config: LoLAConfig, acc_dtype) -> bool:
   "pallas": the fused Pallas chunk step (`pallas_kernels.lola_chunk`; interpret mode on CPU).
   "xla": the plain-JAX step. None: Pallas on TPU/GPU, XLA on CPU. "reference": the XLA step too
   (`lola_reference` is float64 NumPy and cannot run under jit; call it directly). Float64 inputs
-  (whose state accumulates in float64) always take the XLA step: the kernel accumulates in f32.
+  (whose state accumulates in float64) always take the XLA step: the kernel accumulates in f32;
+  so does the "attention" policy, whose per-pair softmax mass the kernel does not produce.
   """
   impl = config.implementation
   if impl is None:
     impl = "pallas" if jax.default_backend() in ("tpu", "gpu", "cuda", "rocm") else "xla"
-  return impl == "pallas" and acc_dtype != jnp.float64
+  return impl == "pallas" and acc_dtype != jnp.float64 and config.policy != "attention"
 
 
 def _select(pred, new, old):
@@ -108,13 +120,13 @@ def _select(pred, new, old):
   return jax.tree_util.tree_map(pick, new, old)
 
 
-def _window_candidates(k, v, phi_k, has_window, start):
+def _window_candidates(k, v, phi_k, has_window, start, mass=None):
   """The window as cache candidates. k/v/phi_k: [B, Hkv, C, .]; has_window, start: [B]."""
   c = k.shape[-2]
   pos = start[:, None] + jnp.arange(c, dtype=jnp.int32)
   pos = jnp.where(has_window[:, None], pos, -1)
   pos = jnp.broadcast_to(pos[:, None, :], k.shape[:-1])
-  return Candidates(k=k, v=v, phi_k=phi_k, positions=pos)
+  return Candidates(k=k, v=v, phi_k=phi_k, positions=pos, mass=mass)
 
 
 def lola_prefill(q, k, v, phi_q, phi_k, gate, *, config: LoLAConfig, state=None, lengths=None):
@@ -196,6 +208,8 @@ def _lola_prefill(q, k, v, phi_q, phi_k, gate, *, config: LoLAConfig, state, len
   phi_kp = lay_out(phi_k.astype(store), state.chunk_phi_k)
   slot = jnp.arange(padded_len, dtype=jnp.int32)
   real = slot[None, :] < (r + lengths)[:, None]  # [B, P]
+  new_query = real & (slot[None, :] >= r[:, None])  # excludes the re-laid buffered tokens
+  track = config.policy == "attention"  # accumulate per-pair softmax mass
 
   def blocks(x):  # [B, P, ...] -> [N, B, C, ...]
     x = x.reshape((b, num_chunks, c) + x.shape[2:])
@@ -238,8 +252,8 @@ def _lola_prefill(q, k, v, phi_q, phi_k, gate, *, config: LoLAConfig, state, len
     )
 
   def step(carry, xs):
-    cache, win_k, win_v, win_phi, has_window, lin_h, lin_s = carry
-    qb, phi_qb, kb, vb, phi_kb, real_b, chunk_idx = xs
+    cache, win_k, win_v, win_phi, win_mass, has_window, lin_h, lin_s = carry
+    qb, phi_qb, kb, vb, phi_kb, real_b, new_b, block_mass, chunk_idx = xs
     kb, vb, phi_kb = heads_first(kb), heads_first(vb), heads_first(phi_kb)
     keys = jnp.concatenate([cache.k, win_k, kb], axis=-2)
     values = jnp.concatenate([cache.v, win_v, vb], axis=-2)
@@ -247,12 +261,12 @@ def _lola_prefill(q, k, v, phi_q, phi_k, gate, *, config: LoLAConfig, state, len
       y, scores = fused_attend(
         cache, win_phi, has_window, lin_h, lin_s, qb, phi_qb, keys, values, real_b
       )
-      return _finish_step(carry, y, scores, kb, vb, phi_kb, real_b, chunk_idx)
+      return _finish_step(carry, y, scores, kb, vb, phi_kb, block_mass, real_b, chunk_idx)
     mask_cache = jnp.broadcast_to(cache.valid[:, :, None, :], (b, hkv, c, cache.k.shape[-2]))
     mask_win = jnp.broadcast_to(has_window[:, None, None, None], (b, hkv, c, c))
     mask_chunk = jnp.broadcast_to((causal[None] & real_b[:, None, :])[:, None], (b, hkv, c, c))
     mask = jnp.concatenate([mask_cache, mask_win, mask_chunk], axis=-1)
-    y = _attend(
+    y, key_mass = _attend(
       config,
       _group_queries(qb, hkv),
       _group_queries(phi_qb, hkv),
@@ -262,35 +276,63 @@ def _lola_prefill(q, k, v, phi_q, phi_k, gate, *, config: LoLAConfig, state, len
       lin_h,
       lin_s,
       gate_g,
+      mass_queries=new_b if track else None,
     )
-    return _finish_step(carry, y, None, kb, vb, phi_kb, real_b, chunk_idx)
+    if track:  # every pair keeps the mass it received, whether or not the chunk completes
+      lam = cache.k.shape[-2]
+      cache = dataclasses.replace(cache, mass=cache.mass + key_mass[..., :lam])
+      win_mass = win_mass + key_mass[..., lam : lam + c]
+      block_mass = block_mass + key_mass[..., lam + c :]
+      carry = (cache, win_k, win_v, win_phi, win_mass, has_window, lin_h, lin_s)
+    return _finish_step(carry, y, None, kb, vb, phi_kb, block_mass, real_b, chunk_idx)
 
-  def _finish_step(carry, y, scores, kb, vb, phi_kb, real_b, chunk_idx):
+  def _finish_step(carry, y, scores, kb, vb, phi_kb, block_mass, real_b, chunk_idx):
     # End of chunk: the old window competes for the cache, this chunk becomes the window.
-    cache, win_k, win_v, win_phi, has_window, lin_h, lin_s = carry
+    cache, win_k, win_v, win_phi, win_mass, has_window, lin_h, lin_s = carry
     complete = real_b[:, -1]
-    window = _window_candidates(win_k, win_v, win_phi, has_window, (chunk_idx - 1) * c)
+    window = _window_candidates(
+      win_k, win_v, win_phi, has_window, (chunk_idx - 1) * c, win_mass if track else None
+    )
     new_cache, new_h, new_s = _end_of_chunk(config, cache, window, lin_h, lin_s, scores)
-    updated = (new_cache, kb, vb, phi_kb, jnp.ones_like(has_window), new_h, new_s)
+    updated = (new_cache, kb, vb, phi_kb, block_mass, jnp.ones_like(has_window), new_h, new_s)
     carry = _select(complete, updated, carry)
-    return carry, _ungroup(y)
+    return carry, (_ungroup(y), block_mass)
 
   cache0 = Candidates(
-    k=state.cache_k, v=state.cache_v, phi_k=state.cache_phi_k, positions=state.cache_positions
+    k=state.cache_k,
+    v=state.cache_v,
+    phi_k=state.cache_phi_k,
+    positions=state.cache_positions,
+    mass=state.cache_mass if track else None,
   )
   carry0 = (
     cache0,
     state.window_k,
     state.window_v,
     state.window_phi_k,
+    state.window_mass,
     state.num_tokens >= c,
     state.linear_h,
     state.linear_s,
   )
+  # Mass already received by the buffered tokens of the first block (zero elsewhere).
+  mass0 = jnp.zeros((num_chunks,) + state.chunk_mass.shape, state.chunk_mass.dtype)
+  if not fresh:
+    mass0 = mass0.at[0].set(state.chunk_mass)
   chunk_ids = first_chunk[None, :] + jnp.arange(num_chunks, dtype=jnp.int32)[:, None]  # [N, B]
-  xs = (blocks(qp), blocks(phi_qp), blocks(kp), blocks(vp), blocks(phi_kp), blocks(real), chunk_ids)
-  carry, ys = jax.lax.scan(step, carry0, xs)
-  cache, win_k, win_v, win_phi, _, lin_h, lin_s = carry
+  xs = (
+    blocks(qp),
+    blocks(phi_qp),
+    blocks(kp),
+    blocks(vp),
+    blocks(phi_kp),
+    blocks(real),
+    blocks(new_query),
+    mass0,
+    chunk_ids,
+  )
+  carry, (ys, masses) = jax.lax.scan(step, carry0, xs)
+  cache, win_k, win_v, win_phi, win_mass, _, lin_h, lin_s = carry
 
   # Outputs: back to [B, P, Hq, dv], then the T new slots of each row.
   y = jnp.moveaxis(ys, 0, 1).reshape(b, padded_len, hq, -1)
@@ -304,12 +346,20 @@ def _lola_prefill(q, k, v, phi_q, phi_k, gate, *, config: LoLAConfig, state, len
   num_tokens = state.num_tokens + lengths
   last_block = jnp.clip(num_tokens // c - first_chunk, 0, num_chunks - 1)
   r_new = num_tokens % c
+  keep = jnp.arange(c)[None, :] < r_new[:, None]  # [B, C]
 
   def current_chunk(x):  # [B, P, Hkv, d] -> [B, Hkv, C, d]
     x = x.reshape((b, num_chunks, c) + x.shape[2:])
     x = jnp.take_along_axis(x, last_block[:, None, None, None, None], axis=1)[:, 0]
-    keep = jnp.arange(c)[None, :] < r_new[:, None]
     return heads_first(jnp.where(keep[:, :, None, None], x, jnp.zeros((), x.dtype)))
+
+  if track:
+    chunk_mass = jnp.take_along_axis(
+      jnp.moveaxis(masses, 0, 1), last_block[:, None, None, None], axis=1
+    )[:, 0]
+    chunk_mass = jnp.where(keep[:, None, :], chunk_mass, 0.0)
+  else:
+    chunk_mass = state.chunk_mass
 
   new_state = LoLAState(
     cache_k=cache.k,
@@ -325,6 +375,9 @@ def _lola_prefill(q, k, v, phi_q, phi_k, gate, *, config: LoLAConfig, state, len
     linear_h=lin_h,
     linear_s=lin_s,
     num_tokens=num_tokens,
+    cache_mass=cache.mass if track else state.cache_mass,
+    window_mass=win_mass,
+    chunk_mass=chunk_mass,
   )
   return y.astype(q.dtype), new_state
 
@@ -380,7 +433,8 @@ def _lola_decode(q, k, v, phi_q, phi_k, gate, *, config: LoLAConfig, state: LoLA
     axis=-1,
   )[:, :, None, :]
   gate_g = gate.reshape(hkv, hq // hkv)
-  y = _attend(
+  track = config.policy == "attention"
+  y, key_mass = _attend(
     config,
     _group_queries(q[:, None], hkv),
     _group_queries(phi_q[:, None], hkv),
@@ -390,8 +444,15 @@ def _lola_decode(q, k, v, phi_q, phi_k, gate, *, config: LoLAConfig, state: LoLA
     state.linear_h,
     state.linear_s,
     gate_g,
+    mass_queries=jnp.ones((b, 1), bool) if track else None,
   )
   y = _ungroup(y)[:, 0]
+  cache_mass, window_mass, chunk_mass = state.cache_mass, state.window_mass, state.chunk_mass
+  if track:
+    lam = config.cache_size
+    cache_mass = cache_mass + key_mass[..., :lam]
+    window_mass = window_mass + key_mass[..., lam : lam + c]
+    chunk_mass = jnp.where(slot[:, None, :], 0.0, chunk_mass) + key_mass[..., lam + c :]
 
   num_tokens = state.num_tokens + 1
   complete = r == c - 1
@@ -409,12 +470,26 @@ def _lola_decode(q, k, v, phi_q, phi_k, gate, *, config: LoLAConfig, state: LoLA
     linear_h=state.linear_h,
     linear_s=state.linear_s,
     num_tokens=num_tokens,
+    cache_mass=cache_mass,
+    window_mass=window_mass,
+    chunk_mass=chunk_mass,
   )
 
   def roll_chunk(st: LoLAState) -> LoLAState:
-    cache = Candidates(st.cache_k, st.cache_v, st.cache_phi_k, st.cache_positions)
+    cache = Candidates(
+      st.cache_k,
+      st.cache_v,
+      st.cache_phi_k,
+      st.cache_positions,
+      mass=st.cache_mass if track else None,
+    )
     window = _window_candidates(
-      st.window_k, st.window_v, st.window_phi_k, has_window, (num_tokens // c - 2) * c
+      st.window_k,
+      st.window_v,
+      st.window_phi_k,
+      has_window,
+      (num_tokens // c - 2) * c,
+      st.window_mass if track else None,
     )
     cache, lin_h, lin_s = _end_of_chunk(config, cache, window, st.linear_h, st.linear_s)
     rolled = LoLAState(
@@ -431,6 +506,9 @@ def _lola_decode(q, k, v, phi_q, phi_k, gate, *, config: LoLAConfig, state: LoLA
       linear_h=lin_h,
       linear_s=lin_s,
       num_tokens=st.num_tokens,
+      cache_mass=cache.mass if track else st.cache_mass,
+      window_mass=st.chunk_mass,
+      chunk_mass=jnp.zeros_like(st.chunk_mass),
     )
     return _select(complete, rolled, st)
 

@@ -16,6 +16,8 @@ keep `min(L, |E|)` pairs; the adaptive ones keep fewer when the extra pairs woul
   "energy_global"  one budget of `cache_budget` slots shared by the kv heads of a layer (each
               still capped at L): energies normalised by their head's total, the largest
               normalised energies over all heads kept (water-filling), the floor as above;
+  "attention" the L pairs that received the most softmax mass while in the window and the cache
+              (accumulated over queries and the group's query heads, H2O-style);
   "random"    L candidates chosen by a seeded hash of (position, kv head): deterministic and
               independent of how the sequence was split into calls.
 
@@ -42,12 +44,14 @@ class Candidates:
 
   Attributes:
     k: [..., N, dk]   v: [..., N, dv]   phi_k: [..., N, D]   positions: [..., N] int32.
+    mass: [..., N] accumulated softmax mass ("attention" policy), or [..., 0] when not tracked.
   """
 
   k: jax.Array
   v: jax.Array
   phi_k: jax.Array
   positions: jax.Array
+  mass: jax.Array | None = None
 
   @property
   def valid(self) -> jax.Array:
@@ -185,6 +189,14 @@ def select_energy_global(config: LoLAConfig, cand: Candidates, linear_h, linear_
   return chosen.reshape(eps.shape) & eligible
 
 
+def select_attention(config: LoLAConfig, cand: Candidates, linear_h, linear_s, scores=None):
+  """Keep the `cache_size` candidates with the most accumulated softmax mass."""
+  del linear_h, linear_s, scores
+  if cand.mass is None or cand.mass.shape[-1] != cand.positions.shape[-1]:
+    raise ValueError("policy 'attention' needs candidates with accumulated mass")
+  return _top_l(jax.lax.stop_gradient(cand.mass), cand.valid, config.cache_size)
+
+
 def random_scores(positions: jax.Array, seed: int) -> jax.Array:
   """A seeded 31-bit hash of (position, kv head) as int32 [..., Hkv, N] (lowbias32 mixing)."""
   head = jax.lax.broadcasted_iota(jnp.uint32, positions.shape, positions.ndim - 2)
@@ -212,6 +224,7 @@ POLICIES: dict[str, SelectionPolicy] = {
   "recency": select_recency,
   "energy": select_energy,
   "energy_global": select_energy_global,
+  "attention": select_attention,
   "random": select_random,
 }
 

@@ -55,11 +55,11 @@ def _energy_keep(config, candidates, energy, v_sq):
   return [j for n, j in enumerate(ranked[:count]) if energy[j] >= floor or n < config.min_cache]
 
 
-def _select(config, candidates_by_head, errors_by_head, v_sq_by_head, heads):
-  """Kept positions per head. candidates: list of positions; errors/v_sq: dicts by position."""
+def _select(config, candidates_by_head, errors_by_head, v_sq_by_head, mass, heads):
+  """Kept positions per head. candidates: list of positions; errors/v_sq/mass: dicts by position."""
   lam, policy = config.cache_size, config.policy
   keep = {}
-  if policy in ("sre", "recency", "random"):
+  if policy in ("sre", "recency", "random", "attention"):
     for h in heads:
       cands = candidates_by_head[h]
       if len(cands) <= lam:
@@ -69,6 +69,8 @@ def _select(config, candidates_by_head, errors_by_head, v_sq_by_head, heads):
         ranked = sorted(cands, key=lambda j, h=h: (-errors_by_head[h][j], j))
       elif policy == "recency":
         ranked = sorted(cands, key=lambda j: -j)
+      elif policy == "attention":
+        ranked = sorted(cands, key=lambda j, h=h: (-mass[h][j], j))
       else:
         ranked = sorted(cands, key=lambda j, h=h: (-_random_score(j, h, config.seed), j))
       keep[h] = ranked[:lam]
@@ -125,6 +127,7 @@ def lola_reference(q, k, v, phi_q, phi_k, gate, *, config: LoLAConfig, return_ca
     cache = {h: [] for h in heads}  # positions in each head's sparse cache
     linear_h = {h: np.zeros((feat, dv)) for h in heads}
     linear_s = {h: np.zeros(feat) for h in heads}
+    mass = {h: {} for h in heads}  # softmax mass received by each pair ("attention" policy)
     for t in range(t_size):
       n = t // c
       for h in heads:
@@ -132,6 +135,9 @@ def lola_reference(q, k, v, phi_q, phi_k, gate, *, config: LoLAConfig, return_ca
         vals = v[b, softmax_set, h]
         for i in range(h * group, (h + 1) * group):
           logits = np.array([scale * q[b, t, i] @ k[b, j, h] for j in softmax_set])
+          probs = np.exp(logits - logits.max())
+          for j, p in zip(softmax_set, probs / probs.sum(), strict=True):
+            mass[h][j] = mass[h].get(j, 0.0) + p
           g = gate[i]
           lin_num = phi_q[b, t, i] @ linear_h[h]
           lin_den = phi_q[b, t, i] @ linear_s[h]
@@ -157,7 +163,7 @@ def lola_reference(q, k, v, phi_q, phi_k, gate, *, config: LoLAConfig, return_ca
         for h in heads
       }
       v_sq = {h: {j: float(v[b, j, h] @ v[b, j, h]) for j in candidates[h]} for h in heads}
-      keep = _select(config, candidates, errors, v_sq, heads)
+      keep = _select(config, candidates, errors, v_sq, mass, heads)
       for h in heads:
         kept = set(keep[h])
         for j in candidates[h]:

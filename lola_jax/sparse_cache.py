@@ -80,5 +80,8 @@ def update_sparse_cache(config: LoLAConfig, cand: Candidates, linear_h, linear_s
     v=gather(cand.v),
     phi_k=gather(cand.phi_k),
     positions=jnp.where(kept, jnp.take_along_axis(cand.positions, order, axis=-1), -1),
+    mass=None
+    if cand.mass is None
+    else jnp.where(kept, jnp.take_along_axis(cand.mass, order, axis=-1), 0.0),
   )
   return cache, linear_h, linear_s

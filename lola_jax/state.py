@@ -38,6 +38,9 @@ class LoLAState:
     linear_h: [B, Hkv, D, dv] float32, H = sum over absorbed pairs of phi(k) v^T.
     linear_s: [B, Hkv, D] float32, s = sum over absorbed pairs of phi(k).
     num_tokens: [B] int32 tokens seen so far by each row.
+    cache_mass, window_mass, chunk_mass: [B, Hkv, L], [B, Hkv, C], [B, Hkv, C] float32 softmax
+      mass each pair has received so far (summed over the group's query heads and queries);
+      only the "attention" policy uses it, every other policy stores empty [B, Hkv, 0] arrays.
   """
 
   cache_k: jax.Array
@@ -53,6 +56,9 @@ class LoLAState:
   linear_h: jax.Array
   linear_s: jax.Array
   num_tokens: jax.Array
+  cache_mass: jax.Array
+  window_mass: jax.Array
+  chunk_mass: jax.Array
 
   # Sizes (static, read off the shapes).
   @property
@@ -82,6 +88,11 @@ class LoLAState:
   @property
   def feature_dim(self) -> int:
     return self.linear_s.shape[-1]
+
+  @property
+  def tracks_attention_mass(self) -> bool:
+    """Whether the state carries per-pair attention mass (the "attention" policy)."""
+    return self.window_mass.shape[-1] > 0
 
   # Masks derived from the positions / token counts.
   @property
@@ -143,6 +154,8 @@ def init_state(
     raise ValueError(f"init_state: dtype must be a floating dtype, got {jnp.dtype(dtype)}")
   lam, c = config.cache_size, config.chunk_size
   b, h = batch, num_kv_heads
+  acc = accumulation_dtype(dtype)
+  mass = config.policy == "attention"
 
   def zeros(*shape, dt=dtype):
     return jnp.zeros(shape, dt)
@@ -158,9 +171,12 @@ def init_state(
     chunk_k=zeros(b, h, c, key_dim),
     chunk_v=zeros(b, h, c, value_dim),
     chunk_phi_k=zeros(b, h, c, feature_dim),
-    linear_h=zeros(b, h, feature_dim, value_dim, dt=accumulation_dtype(dtype)),
-    linear_s=zeros(b, h, feature_dim, dt=accumulation_dtype(dtype)),
+    linear_h=zeros(b, h, feature_dim, value_dim, dt=acc),
+    linear_s=zeros(b, h, feature_dim, dt=acc),
     num_tokens=jnp.zeros((b,), jnp.int32),
+    cache_mass=zeros(b, h, lam if mass else 0, dt=acc),
+    window_mass=zeros(b, h, c if mass else 0, dt=acc),
+    chunk_mass=zeros(b, h, c if mass else 0, dt=acc),
   )
 
 

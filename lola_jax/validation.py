@@ -81,6 +81,7 @@ def check_state(fn: str, state, config: LoLAConfig, sizes: dict) -> None:
     "feature_dim": sizes["D"],
     "cache_size": config.cache_size,
     "chunk_size": config.chunk_size,
+    "tracks_attention_mass": config.policy == "attention",
   }
   for attr, want in expected.items():
     got = getattr(state, attr)

@@ -18,6 +18,7 @@ POLICY_CONFIGS = {
   "energy_min": dict(policy="energy", energy_tau=0.5, min_cache=2, energy_floor=0.5),
   "energy_global": dict(policy="energy_global", cache_budget=7),
   "random": dict(policy="random", seed=3),
+  "attention": dict(policy="attention"),
 }
 
 
@@ -131,8 +132,9 @@ def test_prefill_decode_equivalence_every_policy(policy_kwargs):
   config = LoLAConfig(chunk_size=4, cache_size=3, **policy_kwargs)
   y_full, s_full = lola_prefill(*inputs, config=config)
   y1, state = lola_prefill(*time_slice(inputs, 0, 9), config=config)
-  ys = [y1]
-  for t in range(9, 23):
+  y2, state = lola_prefill(*time_slice(inputs, 9, 14), config=config, state=state)
+  ys = [y1, y2]
+  for t in range(14, 23):
     y, state = lola_decode(*time_step(inputs, t), config=config, state=state)
     ys.append(y[:, None])
   chex.assert_trees_all_close(jnp.concatenate(ys, 1), y_full, rtol=1e-5, atol=1e-6)
