@@ -456,19 +456,11 @@ def _lola_decode(q, k, v, phi_q, phi_k, gate, *, config: LoLAConfig, state: LoLA
 
   num_tokens = state.num_tokens + 1
   complete = r == c - 1
-  written = LoLAState(
-    cache_k=state.cache_k,
-    cache_v=state.cache_v,
-    cache_phi_k=state.cache_phi_k,
-    cache_positions=state.cache_positions,
-    window_k=state.window_k,
-    window_v=state.window_v,
-    window_phi_k=state.window_phi_k,
+  written = dataclasses.replace(
+    state,
     chunk_k=chunk_k,
     chunk_v=chunk_v,
     chunk_phi_k=chunk_phi,
-    linear_h=state.linear_h,
-    linear_s=state.linear_s,
     num_tokens=num_tokens,
     cache_mass=cache_mass,
     window_mass=window_mass,
@@ -492,7 +484,8 @@ def _lola_decode(q, k, v, phi_q, phi_k, gate, *, config: LoLAConfig, state: LoLA
       st.window_mass if track else None,
     )
     cache, lin_h, lin_s = _end_of_chunk(config, cache, window, st.linear_h, st.linear_s)
-    rolled = LoLAState(
+    rolled = dataclasses.replace(
+      st,
       cache_k=cache.k,
       cache_v=cache.v,
       cache_phi_k=cache.phi_k,
@@ -505,7 +498,6 @@ def _lola_decode(q, k, v, phi_q, phi_k, gate, *, config: LoLAConfig, state: LoLA
       chunk_phi_k=jnp.zeros_like(st.chunk_phi_k),
       linear_h=lin_h,
       linear_s=lin_s,
-      num_tokens=st.num_tokens,
       cache_mass=cache.mass if track else st.cache_mass,
       window_mass=st.chunk_mass,
       chunk_mass=jnp.zeros_like(st.chunk_mass),
