@@ -37,7 +37,7 @@ class CopyTask:
 def tiny_config(**train):
   c = default.get_config()
   c.model.vocab_size = 16
-  c.model.num_layers = 2
+  c.model.num_layers = 1
   c.model.d_model = 32
   c.model.num_heads = 4
   c.model.num_kv_heads = 2
