@@ -91,7 +91,9 @@ def test_notebook_runs_tiny_preset_on_cpu(tmp_path, monkeypatch):
   assert "This notebook expects a Colab TPU runtime" in text
   assert "mesh {'data': 2, 'fsdp': 2, 'tensor': 1} over 4 device(s)" in text
   assert "Pass-key exact-match accuracy" in text
-  assert "| teacher (full KV) |" in text and "| lola C64 cache 16 |" in text
+  assert (
+    "| teacher (full KV) |" in text and "| hybrid C64 |" in text and "| lola C64 cache 64 |" in text
+  )
   assert "max |lola_prefill - lola_reference|" in text
   assert "| T | cache | prefill ms |" in text
   images = sum(

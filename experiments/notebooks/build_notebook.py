@@ -161,17 +161,21 @@ from experiments.recall import pipeline
 from experiments.recall.presets import PRESETS
 
 SETTINGS = {
-  # demo recall preset (450 + 100 + 60 training steps, contexts 512..8K, needle and MQAR too)
-  "colab": dict(recall_preset="demo", niah=True, mqar=True, bench_lengths=[2048, 8192, 32768],
-                bench_decode_steps=64, diagram_tokens=320),
-  # a few steps, two contexts, pass-key only: the whole notebook in a few CPU minutes
-  "tiny": dict(recall_preset="tiny", niah=False, mqar=False, bench_lengths=[256, 1024],
-               bench_decode_steps=8, diagram_tokens=160),
+  # demo recall preset: 450 + 100 + 60 training steps, pass-key at 512..8K and MQAR (the needle
+  # task is left to `make demo`: another compile per method and context)
+  "colab": dict(recall_preset="demo", recall_changes={}, niah=False, mqar=True,
+                api_tokens=4096, reference_tokens=256, diagram_tokens=320,
+                bench_lengths=[2048, 8192, 32768], bench_decode_steps=64),
+  # a few steps, two contexts, four rows (teacher, hybrid, LoLA sre / recency), pass-key only:
+  # the whole notebook in a few CPU minutes
+  "tiny": dict(recall_preset="tiny", recall_changes=dict(caches=[64], wide_for=[]), niah=False,
+               mqar=False, api_tokens=300, reference_tokens=64, diagram_tokens=160,
+               bench_lengths=[512], bench_decode_steps=8),
 }
 if PRESET not in SETTINGS:
   raise ValueError(f"PRESET must be one of {sorted(SETTINGS)}, got {PRESET!r}")
 S = SETTINGS[PRESET]
-RECALL = PRESETS[S["recall_preset"]]
+RECALL = dict(PRESETS[S["recall_preset"]], **S["recall_changes"])
 N_DEVICES = jax.device_count()
 # Mesh over all devices: FSDP pairs (parameters and optimizer state split over "fsdp") when the
 # device count is even, data parallelism over the rest ("data" = -1 takes what is left).
@@ -294,7 +298,7 @@ code(
 from lola_jax import lola_reference
 from lola_jax.evaluation import full_kv_bytes
 
-B, T, Hq, Hkv, dk, D = 1, 1000, 8, 2, 64, 128
+B, T, Hq, Hkv, dk, D = 1, S["api_tokens"], 8, 2, 64, 128
 q, k, v, phi_q, phi_k, gate = random_inputs(jax.random.key(1), B, T + 8, Hq, Hkv, dk, D)
 config = LoLAConfig(chunk_size=64, cache_size=64)  # window 64..128 tokens, 64 cached pairs
 y, state = lola_prefill(q[:, :T], k[:, :T], v[:, :T], phi_q[:, :T], phi_k[:, :T], gate,
@@ -312,13 +316,14 @@ in_window = int((np.asarray(state.window_positions)[0] >= 0).sum()
 in_cache = (cached[0] >= 0).sum(-1)
 print(f"after {n} tokens, per kv head: window {in_window}, sparse cache {in_cache.tolist()}, "
       f"absorbed into the linear state {(n - in_window - in_cache).tolist()}")
-print("oldest cached positions of kv head 0:", sorted(cached[0, 0][cached[0, 0] >= 0])[:12], "...")
+print("oldest cached positions of kv head 0:",
+      sorted(int(p) for p in cached[0, 0] if p >= 0)[:12], "...")
 kv = full_kv_bytes(n, num_layers=1, num_kv_heads=Hkv, key_dim=dk, value_dim=dk)
 print(f"state {state.nbytes() / 1024:.0f} KiB (constant) vs a full KV cache of {n} tokens "
       f"{kv / 1024:.0f} KiB")
 
 # Decode continues prefill exactly: compare with the float64 reference on the whole sequence.
-t_check = 200
+t_check = S["reference_tokens"]
 ref = lola_reference(q[:, :t_check], k[:, :t_check], v[:, :t_check], phi_q[:, :t_check],
                      phi_k[:, :t_check], gate, config=config)
 y_check, _ = lola_prefill(q[:, :t_check], k[:, :t_check], v[:, :t_check], phi_q[:, :t_check],
@@ -421,13 +426,15 @@ def train_with_progress(config, workdir, desc):
   done = threading.Event()
 
   def follow():
+    shown = 0
     while True:
       finished = done.wait(1.0)
       recs = [r for r in read_metrics(workdir) if r.get("loss") is not None]
-      if recs:
-        bar.n = min(total, recs[-1]["step"])
-        bar.set_postfix(loss=f"{recs[-1]['loss']:.3f}", stage=recs[-1].get("stage", ""))
-        bar.refresh()
+      if recs and recs[-1]["step"] != shown:  # redraw only on progress (text bars print lines)
+        shown = recs[-1]["step"]
+        bar.set_postfix(loss=f"{recs[-1]['loss']:.3f}", stage=recs[-1].get("stage", ""),
+                        refresh=False)
+        bar.update(min(total, shown) - bar.n)
       if finished:
         return
 
