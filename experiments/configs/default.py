@@ -31,7 +31,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.lola.cache_size = 32  # sparse cache slots per kv head ("hybrid" forces 0)
   c.lola.mix = "gated"
   c.lola.policy = "sre"
-  c.lola.implementation = None  # None (auto) | xla | pallas | reference
+  c.lola.implementation = ml_collections.config_dict.placeholder(
+    str
+  )  # None=auto|xla|pallas|reference
 
   c.task = ml_collections.ConfigDict()
   c.task.name = "lm"  # lm | passkey | niah | mqar | mix
