@@ -40,7 +40,8 @@ def get_config():
   c.train.eval_batch_size = 16
   c.train.log_every = 20
   c.train.eval_every = 200
-  c.train.checkpoint_every = 200
+  c.train.checkpoint_every = 150
+  c.train.async_checkpoint = False  # the pipeline reads the checkpoints right after training
   c.optim.lr = 3e-3
   c.optim.warmup_steps = 40
   return c

@@ -36,7 +36,7 @@ PRESETS = {
   },
   "demo": {
     "overrides": [],
-    "teacher_steps": 600,
+    "teacher_steps": 450,
     "distill_steps": 100,
     "finetune_steps": 60,
     "contexts": [512, 1024, 2048, 4096, 8192],
@@ -52,4 +52,15 @@ PRESETS = {
 }
 PRESETS["full"] = dict(
   PRESETS["demo"], teacher_steps=1500, distill_steps=300, finetune_steps=200, samples=4
+)
+# `make demo`: the demo preset's model evaluated on a smaller grid (fewer compiles), from the
+# parameters committed in experiments/recall/params (`--params_dir`), in about 10 minutes.
+PRESETS["quick"] = dict(
+  PRESETS["demo"],
+  contexts=[512, 2048, 4096, 8192],
+  depths=[0.1, 0.5, 0.9],
+  samples=2,
+  mqar_pairs=[4, 8, 16, 32],
+  mqar_samples=16,
+  wide_for=[64],
 )
