@@ -72,6 +72,17 @@ def _child(kinds):
     trainer.setup(c, *tasks(c))
   except ValueError as e:
     out["errors"]["batch"] = str(e)
+  # Decode states: batch over (data, fsdp), kv heads over tensor.
+  from flax import nnx
+
+  from lola_jax.model import LoLALM
+
+  c = tiny_config()
+  mc = trainer.model_config_from(c).replace(attention="lola")
+  mesh = sharding_lib.make_mesh(sharding_lib.MeshConfig(data=2, fsdp=2, tensor=2))
+  states = LoLALM(mc, rngs=nnx.Rngs(0)).init_states(8)
+  placed = jax.device_put(states, sharding_lib.decode_state_shardings(states, mesh))
+  out["decode_state_spec"] = str(placed[0].linear_h.sharding.spec)
   for kind in kinds:
     host_state = None
     for mesh in MESHES:
@@ -135,6 +146,8 @@ def _check_meshes(out, kind):
 def test_one_step_loss_equal_under_all_meshes_softmax():
   out = _run_child(["softmax"])
   assert "train.batch_size" in out["errors"]["batch"]
+  spec = jax.sharding.PartitionSpec
+  assert out["decode_state_spec"] == str(spec(("data", "fsdp"), "tensor", None, None))
   _check_meshes(out, "softmax")
 
 
