@@ -189,6 +189,15 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
+def _all_agree(flag: bool) -> bool:
+  """True on every process if it is True on any (so all save at the same step and stop)."""
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils
+
+  return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
+
+
 def _abstract_train_state(s: Setup):
   opt = jax.eval_shape(s.tx.init, s.abstract_params)
   opt = jax.tree.map(
@@ -362,9 +371,10 @@ def train_and_evaluate(config, workdir: str, *, task=None, eval_task=None) -> di
           )
         result.update(record)
       stop_here = step == config.train.get("stop_at_step", 0)
-      if ckpt.should_save(step) or step == s.total_steps or preempt.requested or stop_here:
+      preempted = _all_agree(preempt.requested)
+      if ckpt.should_save(step) or step == s.total_steps or preempted or stop_here:
         ckpt.save(step, state, {"data_position": step, "mode": mode, "model_config": repr(mc)})
-      if preempt.requested or stop_here:
+      if preempted or stop_here:
         result["preempted"] = True
         break
   ckpt.wait()
