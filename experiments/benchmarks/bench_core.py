@@ -84,7 +84,7 @@ def kv_cache_bytes(t, hkv, dk, dv, bytes_per=BYTES_F32):
 
 @jax.jit
 def _softmax_decode(q, k_cache, v_cache, k, v, pos):
-  """Full-attention decode: write slot `pos` of a KV cache sized to the context, attend to [0, pos]."""
+  """Full-attention decode: write slot `pos` of a context-sized KV cache, attend to [0, pos]."""
   k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k[:, None], pos, axis=1)
   v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v[:, None], pos, axis=1)
   group = q.shape[1] // k.shape[1]
