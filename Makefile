@@ -28,7 +28,7 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow -o addopts=''
 
 demo: $(STAMP)
-	$(PY) -m experiments.recall.pipeline --preset=demo --workdir=runs/demo
+	$(PY) -m experiments.recall.pipeline --preset=quick --workdir=runs/demo --params_dir=experiments/recall/params
 
 bench: $(STAMP)
 	$(PY) -m experiments.benchmarks.bench_core
