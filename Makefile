@@ -21,11 +21,12 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
+# Two workers (one per core); a file's tests stay on one worker so they share compilations.
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 test-slow: $(STAMP)
-	$(PY) -m pytest -q -m slow -o addopts=''
+	$(PY) -m pytest -q -n 2 --dist loadfile -m slow -o addopts=''
 
 demo: $(STAMP)
 	$(PY) -m experiments.recall.pipeline --preset=quick --workdir=runs/demo --params_dir=experiments/recall/params
