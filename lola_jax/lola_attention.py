@@ -153,6 +153,7 @@ def lola_prefill(q, k, v, phi_q, phi_k, gate, *, config: LoLAConfig, state=None,
   if not isinstance(config, LoLAConfig):
     raise ValueError(f"{fn}: config must be a LoLAConfig, got {type(config).__name__}")
   sizes = validation.check_attention_inputs(fn, q, k, v, phi_q, phi_k, gate, has_time=True)
+  validation.check_gate_values(fn, gate)
   if state is not None:
     validation.check_state(fn, state, config, sizes)
   if lengths is not None:  # values are checked here, where they are still concrete
@@ -398,6 +399,7 @@ def lola_decode(q, k, v, phi_q, phi_k, gate, *, config: LoLAConfig, state: LoLAS
   if not isinstance(config, LoLAConfig):
     raise ValueError(f"{fn}: config must be a LoLAConfig, got {type(config).__name__}")
   sizes = validation.check_attention_inputs(fn, q, k, v, phi_q, phi_k, gate, has_time=False)
+  validation.check_gate_values(fn, gate)
   validation.check_state(fn, state, config, sizes)
   return _lola_decode(q, k, v, phi_q, phi_k, gate, config=config, state=state)
 

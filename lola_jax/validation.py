@@ -93,6 +93,16 @@ def check_state(fn: str, state, config: LoLAConfig, sizes: dict) -> None:
       )
 
 
+def check_gate_values(fn: str, gate) -> None:
+  """g must lie in [0, 1] (a sigmoid that saturates in float32 is fine); checked if concrete."""
+  try:
+    concrete = np.asarray(gate, np.float64)
+  except Exception:  # A tracer: values are only known at run time.
+    return
+  if not ((concrete >= 0) & (concrete <= 1)).all():
+    raise ValueError(f"{fn}: gate values must lie in [0, 1], got {concrete.tolist()}")
+
+
 def check_lengths(fn: str, lengths, batch: int, time: int) -> None:
   dtype = getattr(lengths, "dtype", None)
   if dtype is None or not jnp.issubdtype(dtype, jnp.integer):

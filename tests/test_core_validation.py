@@ -118,3 +118,10 @@ def test_init_state_validation():
     )
   with pytest.raises(ValueError, match=r"state must be a LoLAState"):
     cached_positions(None)
+
+
+def test_gate_values_must_lie_in_unit_interval():
+  inputs = make_inputs(time=5)
+  bad = _replace(inputs, 5, jnp.array([0.5, 1.5, 0.2, -0.3]))
+  with pytest.raises(ValueError, match=r"gate values must lie in \[0, 1\]"):
+    lola_prefill(*bad, config=CONFIG)
