@@ -1,0 +1,35 @@
+"""Smoke test of the layer-level policy ablation script (slow: compiles every policy)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.slow
+def test_layer_recall_ablation_runs(tmp_path):
+  out = tmp_path / "layer_recall.json"
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "experiments.ablations.layer_recall",
+      "--contexts=256",
+      "--trials=1",
+      "--needles=2",
+      f"--out={out}",
+    ],
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = json.loads(out.read_text())
+  by_policy = {r["policy"]: r for r in rows}
+  assert by_policy["hybrid (cache 0)"]["needles_cached"] == 0.0
+  assert by_policy["sre 16"]["mean_cache_occupancy"] <= 16
+  assert by_policy["energy_global budget 32 (max 64/head)"]["mean_cache_occupancy"] <= 16
+  assert "| policy |" in proc.stdout
