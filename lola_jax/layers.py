@@ -162,26 +162,38 @@ def rope_frequencies(d: int, theta: float, scaling: RopeScaling | None = None) -
 
 
 def apply_rope(
-  x: jax.Array, positions: jax.Array, theta: float, scaling: RopeScaling | None = None
+  x: jax.Array,
+  positions: jax.Array,
+  theta: float,
+  scaling: RopeScaling | None = None,
+  rotary_dim: int | None = None,
 ) -> jax.Array:
-  """Rotary position embedding (rotate-half form, as Hugging Face Llama).
+  """Rotary position embedding (rotate-half form, as Hugging Face Llama), optionally partial.
+
+  The first r = `rotary_dim` features are rotated with frequencies theta^(-2i/r), i < r/2; the
+  other d - r features pass through unchanged (GPT-NeoX's partial rotary): their dot products do
+  not depend on the distance between query and key, which lets a head match content at any range.
 
   Args:
-    x: [B, T, H, d], d even.
+    x: [B, T, H, d].
     positions: int [B, T] absolute positions.
     theta: base wavelength.
     scaling: optional long-context frequency scaling (`RopeScaling`).
+    rotary_dim: r, even, 0 < r <= d; None = d (full rotary).
 
   Returns:
     [B, T, H, d] in x.dtype.
   """
   d = x.shape[-1]
-  freq = rope_frequencies(d, theta, scaling)  # [d/2]
-  angle = positions.astype(jnp.float32)[..., None, None] * freq  # [B, T, 1, d/2]
+  r = d if rotary_dim is None else rotary_dim
+  if r % 2 or not 0 < r <= d:
+    raise ValueError(f"rotary_dim must be even and in (0, {d}], got {rotary_dim!r}")
+  freq = rope_frequencies(r, theta, scaling)  # [r/2]
+  angle = positions.astype(jnp.float32)[..., None, None] * freq  # [B, T, 1, r/2]
   sin, cos = jnp.sin(angle), jnp.cos(angle)
-  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x.dtype)
+  x1, x2 = jnp.split(x[..., :r].astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+  return out if r == d else jnp.concatenate([out, x[..., r:]], axis=-1)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -64,6 +64,8 @@ class ModelConfig:
     linear_eps: added to the linear-attention denominator of the "linear" kind.
     rope_scaling: optional `layers.RopeScaling` (Llama 3.1 "llama3" or "linear"); None = plain.
     scale_embeddings: multiply input embeddings by sqrt(E) (Gemma); False for Llama checkpoints.
+    rope_fraction: share of each head's features that are rotated (`rotary_dim` = that share of
+      d, rounded down to even, at least 2); the rest carry no position (1.0 = Llama).
   """
 
   vocab_size: int = 256
@@ -86,6 +88,7 @@ class ModelConfig:
   linear_eps: float = 1e-6
   rope_scaling: layers.RopeScaling | None = None
   scale_embeddings: bool = True
+  rope_fraction: float = 1.0
 
   def __post_init__(self):
     for name in (
@@ -117,6 +120,10 @@ class ModelConfig:
       )
     if self.dtype not in DTYPES:
       raise ValueError(f"ModelConfig.dtype must be one of {DTYPES}, got {self.dtype!r}")
+    if isinstance(self.rope_fraction, bool) or not (
+      isinstance(self.rope_fraction, (int, float)) and 0.0 < self.rope_fraction <= 1.0
+    ):
+      raise ValueError(f"ModelConfig.rope_fraction must lie in (0, 1], got {self.rope_fraction!r}")
     if self.rope_scaling is not None and not isinstance(self.rope_scaling, layers.RopeScaling):
       raise ValueError(
         "ModelConfig.rope_scaling must be None or a layers.RopeScaling, got "
@@ -128,6 +135,11 @@ class ModelConfig:
   @property
   def compute_dtype(self):
     return jnp.dtype(self.dtype)
+
+  @property
+  def rotary_dim(self) -> int:
+    """r, the rotated features per head (even)."""
+    return max(2, int(self.head_dim * self.rope_fraction) // 2 * 2)
 
   @property
   def phi_dim(self) -> int:
@@ -228,8 +240,9 @@ class Attention(nnx.Module):
   def qkv(self, x: jax.Array, positions: jax.Array):
     """x [B, T, E], positions int [B, T] -> q [B,T,Hq,d], k, v [B,T,Hkv,d] (rotary applied)."""
     c = self.config
-    q = layers.apply_rope(self.q_proj(x), positions, c.rope_theta, c.rope_scaling)
-    k = layers.apply_rope(self.k_proj(x), positions, c.rope_theta, c.rope_scaling)
+    r = c.rotary_dim
+    q = layers.apply_rope(self.q_proj(x), positions, c.rope_theta, c.rope_scaling, r)
+    k = layers.apply_rope(self.k_proj(x), positions, c.rope_theta, c.rope_scaling, r)
     return q, k, self.v_proj(x)
 
   def attend(self, q, k, v, positions, state, lengths, *, decode: bool = False):

@@ -23,6 +23,8 @@ if _TPU_INTERPRET is not None:
   IMPLS.append(
     pytest.param("pallas", _TPU_INTERPRET, id="pallas_tpu_interpret", marks=pytest.mark.slow)
   )
+if jax.default_backend() in ("gpu", "tpu"):  # compiled for real (Triton / Mosaic GPU, Mosaic TPU)
+  IMPLS.append(pytest.param("pallas", False, id=f"pallas_{jax.default_backend()}"))
 TPU_INTERPRET = _TPU_INTERPRET
 
 # bf16 inputs vs the f32 result: bf16 has an 8-bit mantissa (rel. step 2^-8 ~ 4e-3); inputs are

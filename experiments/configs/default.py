@@ -24,6 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"  # compute dtype; bfloat16 on accelerators
   c.model.max_seq_len = 2048
   c.model.rope_theta = 10_000.0
+  c.model.rope_fraction = 1.0  # share of head features rotated (the rest carry no position)
   c.model.gate_init = 0.0
 
   c.lola = ml_collections.ConfigDict()

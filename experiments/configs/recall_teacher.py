@@ -4,8 +4,9 @@
       --workdir=runs/demo/teacher
 
 Mix (lola_jax.data "mix"): pass-key and needle-in-pydoc prompts of random length and depth (loss
-on the answer, a little on the context so induction forms on the repetitive filler), MQAR
-segments (Zoology recipe, 4 to 32 pairs), and byte LM on the stdlib pydoc topics.
+on the answer, a little on the context), repeated random segments (`copy`, loss on the repeats:
+the induction circuit that retrieval needs forms there first), MQAR segments (Zoology recipe, 4 to
+32 pairs), and byte LM on the stdlib pydoc topics.
 """
 
 from experiments.configs import default
@@ -28,11 +29,15 @@ def get_config():
   # distribution (Liu et al. 2023, "Scaling laws of RoPE-based extrapolation"). With the default
   # 10_000 a 512-token teacher emits garbage beyond ~600 tokens.
   c.model.rope_theta = 100.0
+  # Half of each head's features carry no position (partial rotary): a query can match a key's
+  # content at any distance. With every feature rotated at base 100 (the first version) the
+  # teacher never learned retrieval: no feature is slow enough to compare content 500 tokens away.
+  c.model.rope_fraction = 0.5
   c.lola.chunk_size = 64
   c.lola.cache_size = 64
   c.task.name = "mix"
   c.task.seq_len = 512
-  c.task.options.weights = {"passkey": 0.55, "niah": 0.1, "mqar": 0.25, "lm": 0.1}
+  c.task.options.weights = {"passkey": 0.35, "copy": 0.25, "mqar": 0.2, "niah": 0.1, "lm": 0.1}
   c.task.options.context_weight = 0.05
   c.task.options.lm_token_weight = 0.02
   c.train.steps = 600

@@ -33,12 +33,23 @@ from experiments.recall.presets import PRESETS
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("preset", "demo", sorted(PRESETS), "Size of the run.")
 flags.DEFINE_string("workdir", None, "Output directory (default runs/<preset>).")
-flags.DEFINE_list("stages", ["teacher", "distill", "eval"], "Stages to run.")
+flags.DEFINE_list(
+  "stages",
+  ["teacher", "distill", "eval"],
+  "Stages to run, of teacher, distill, export (write the parameters to --export_params_dir "
+  "without evaluating), eval.",
+)
 flags.DEFINE_string("publish_dir", None, "If set (e.g. docs), copy results, figures and report.")
 flags.DEFINE_string(
   "params_dir", None, "Skip training: evaluate teacher.npz / hybrid.npz from here."
 )
 flags.DEFINE_string("export_params_dir", None, "Write the evaluated parameters as .npz here.")
+flags.DEFINE_list(
+  "overrides",
+  [],
+  "Extra config overrides after the preset's, e.g. model.rope_fraction=0.5 (applied to the "
+  "teacher and distill configs, and when loading for evaluation).",
+)
 flags.DEFINE_bool("mqar", True, "Evaluate MQAR.")
 flags.DEFINE_bool("niah", True, "Evaluate the needle in natural text.")
 
@@ -134,6 +145,32 @@ def export_params(model, path):
   np.savez_compressed(path, **_flat(nnx.to_pure_dict(nnx.state(model))))
 
 
+def load_nets(workdir, overrides, params_dir=None):
+  """(teacher, hybrid ModelConfig, hybrid): from the runs in `workdir` or `params_dir`/*.npz.
+
+  With --export_params_dir, also writes teacher.npz and hybrid.npz there.
+  """
+  files = {n: os.path.join(params_dir, f"{n}.npz") if params_dir else None for n in NETS}
+  _, teacher = _load(
+    "experiments.configs.recall_teacher",
+    os.path.join(workdir, "teacher"),
+    overrides,
+    files["teacher"],
+  )
+  hybrid_cfg, hybrid = _load(
+    "experiments.configs.recall_distill",
+    os.path.join(workdir, "hybrid"),
+    overrides,
+    files["hybrid"],
+  )
+  if FLAGS.export_params_dir:
+    os.makedirs(FLAGS.export_params_dir, exist_ok=True)
+    for name, net in (("teacher", teacher), ("hybrid", hybrid)):
+      export_params(net, os.path.join(FLAGS.export_params_dir, f"{name}.npz"))
+    print(f"exported teacher.npz, hybrid.npz to {FLAGS.export_params_dir}", flush=True)
+  return teacher, hybrid_cfg, hybrid
+
+
 def methods(preset, hybrid_config):
   """(label, method, attention, LoLAConfig) of every evaluated row."""
   from lola_jax.config import LoLAConfig
@@ -199,23 +236,7 @@ def evaluate(preset, workdir, overrides, params_dir=None):
   )
   from lola_jax.state import LoLAState, cached_positions
 
-  files = {n: os.path.join(params_dir, f"{n}.npz") if params_dir else None for n in NETS}
-  _, teacher = _load(
-    "experiments.configs.recall_teacher",
-    os.path.join(workdir, "teacher"),
-    overrides,
-    files["teacher"],
-  )
-  hybrid_cfg, hybrid = _load(
-    "experiments.configs.recall_distill",
-    os.path.join(workdir, "hybrid"),
-    overrides,
-    files["hybrid"],
-  )
-  if FLAGS.export_params_dir:
-    os.makedirs(FLAGS.export_params_dir, exist_ok=True)
-    for name, net in (("teacher", teacher), ("hybrid", hybrid)):
-      export_params(net, os.path.join(FLAGS.export_params_dir, f"{name}.npz"))
+  teacher, hybrid_cfg, hybrid = load_nets(workdir, overrides, params_dir)
   tasks = ["passkey"] + (["niah"] if FLAGS.niah else [])
   rows, cells = [], []
   for label, method, attention, lola in methods(preset, hybrid_cfg):
@@ -391,9 +412,14 @@ def write_report(preset_name, preset, workdir, rows, cells, timings, commands):
 def main(argv):
   del argv
   preset = PRESETS[FLAGS.preset]
+  unknown = sorted(set(FLAGS.stages) - {"teacher", "distill", "export", "eval"})
+  if unknown:
+    raise app.UsageError(
+      f"--stages: unknown stage(s) {unknown}; expected teacher, distill, export, eval"
+    )
   workdir = FLAGS.workdir or os.path.join("runs", FLAGS.preset)
   os.makedirs(workdir, exist_ok=True)
-  overrides = list(preset["overrides"])
+  overrides = list(preset["overrides"]) + list(FLAGS.overrides)
   timings_path = os.path.join(workdir, "timings.json")
   timings = json.load(open(timings_path)) if os.path.exists(timings_path) else {}
   commands = []
@@ -415,6 +441,10 @@ def main(argv):
       commands.append(_train(config, wd, over, log))
       timings[stage] = timings.get(stage, 0.0) + time.time() - start
       json.dump(timings, open(timings_path, "w"), indent=1)
+  if "export" in FLAGS.stages and "eval" not in FLAGS.stages:
+    if not FLAGS.export_params_dir:
+      raise app.UsageError("--stages=export needs --export_params_dir")
+    load_nets(workdir, overrides, FLAGS.params_dir)
   if "eval" in FLAGS.stages:
     print("== stage eval ==", flush=True)
     start = time.time()

@@ -15,6 +15,9 @@ size. Tasks:
            answer tokens, `context_weight` elsewhere.
   niah     single needle in natural text (pydoc topics), same layout as passkey.
   mqar     Zoology MQAR; `num_pairs` an int or an inclusive (lo, hi) range drawn per row.
+  copy     induction: random alphanumeric segments, each followed by a separator and itself again;
+           weight 1 on the repeats (the copying circuit that pass-key retrieval needs forms on
+           this in far fewer steps than on pass-key answers alone, Olsson et al. 2022).
   mix      per row, one of the above drawn with probabilities `weights`.
 """
 
@@ -29,7 +32,7 @@ import numpy as np
 from lola_jax.data import corpus, mqar, retrieval
 from lola_jax.data.tokenizer import VOCAB_SIZE, ByteTokenizer
 
-TASK_NAMES = ("lm", "passkey", "niah", "mqar", "mix")
+TASK_NAMES = ("lm", "passkey", "niah", "mqar", "copy", "mix")
 DEFAULT_MIX = {"passkey": 0.35, "niah": 0.3, "mqar": 0.15, "lm": 0.2}
 _TOKENIZER = ByteTokenizer()
 
@@ -198,6 +201,34 @@ def _mqar_task(seq_len, options):
   return opts, row
 
 
+_COPY_ALPHABET = np.frombuffer(b"0123456789abcdefghijklmnopqrstuvwxyz", np.uint8)
+_COPY_SEPARATOR = ord("|")
+
+
+def _copy_task(seq_len, options):
+  opts = _check_options("copy", options, {"segment_len": (4, 32)})
+  lo, hi = _pairs_range(opts["segment_len"]) if opts["segment_len"] else (0, 0)
+  if not 1 <= lo <= hi or 2 * hi + 2 > seq_len + 1:
+    raise ValueError(
+      f"segment_len must be an int or (lo, hi) range with 1 <= lo <= hi <= (seq_len - 1) // 2 = "
+      f"{(seq_len - 1) // 2}, got {opts['segment_len']!r}"
+    )
+
+  def row(rng):
+    tokens, weights = [], []
+    while len(tokens) < seq_len + 1:
+      n = int(rng.integers(lo, hi + 1))
+      segment = list(rng.choice(_COPY_ALPHABET, size=n))
+      # " seg|seg": the target of '|' and of each repeated token but the last is a copy.
+      tokens += [ord(" ")] + segment + [_COPY_SEPARATOR] + segment
+      weights += [0.0] * (n + 1) + [1.0] * n + [0.0]
+    tokens = np.asarray(tokens[: seq_len + 1])
+    inputs, targets = _shift(tokens, seq_len)
+    return inputs, targets, np.asarray(weights[:seq_len], np.float32)
+
+  return opts, row
+
+
 def _mix_task(seq_len, options):
   defaults = {
     "weights": dict(DEFAULT_MIX),
@@ -205,14 +236,15 @@ def _mix_task(seq_len, options):
     "context_weight": 0.0,
     "mqar_num_pairs": (4, 32),
     "mqar_segment_len": None,
+    "copy_segment_len": (4, 32),
     "instruction": True,
   }
   opts = _check_options("mix", options, defaults)
   weights = dict(opts["weights"])
-  bad = sorted(set(weights) - {"lm", "passkey", "niah", "mqar"})
+  bad = sorted(set(weights) - {"lm", "passkey", "niah", "mqar", "copy"})
   if bad or not weights or any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
     raise ValueError(
-      f"weights must map a subset of ['lm', 'mqar', 'niah', 'passkey'] to "
+      f"weights must map a subset of ['copy', 'lm', 'mqar', 'niah', 'passkey'] to "
       f"non-negative probabilities with a positive sum, got {weights!r}"
     )
   _check_fraction("lm_token_weight", opts["lm_token_weight"])
@@ -226,6 +258,7 @@ def _mix_task(seq_len, options):
     )[1],
     "niah": _niah_task(seq_len, {"context_weight": opts["context_weight"]})[1],
     "mqar": _mqar_task(seq_len, {"num_pairs": opts["mqar_num_pairs"], "segment_len": segment})[1],
+    "copy": _copy_task(seq_len, {"segment_len": opts["copy_segment_len"]})[1],
   }
   names = sorted(weights)
   probs = np.asarray([weights[n] for n in names], np.float64)
@@ -248,6 +281,7 @@ _BUILDERS = {
   "passkey": _passkey_task,
   "niah": _niah_task,
   "mqar": _mqar_task,
+  "copy": _copy_task,
   "mix": _mix_task,
 }
 

@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# One prepared run on a single-GPU machine: everything this project checks or measures on a GPU,
+# each stage bounded by `timeout`, every log and result written under $OUT.
+#
+#   OUT=/tmp/gpu bash experiments/benchmarks/gpu_session.sh [stages...]
+#
+# (PRESET=tiny runs the recall stage as a smoke test on any machine.)
+#
+# Stages (default: all, in this order):
+#   env      versions of jax/flax/optax/orbax/chex, the device, nvidia-smi
+#   recall   the recall pipeline's `gpu` preset (teacher, distill, export of the parameters), in the
+#            background while the kernel tests run (correctness only, so sharing the GPU is fine);
+#            a second variant with RECALL_B_OVERRIDES (pipeline --overrides) runs beside it if set.
+#            Parameters, logs and metrics come back in recall.tar.gz.
+#   kernels  the Pallas kernel tests compiled for real (tests/kernels_helpers.py adds
+#            `pallas_gpu` next to xla and the interpreters), f32 matmuls at full precision
+#   bench    experiments/benchmarks/bench_kernels.py (linear and lola suites) after `recall` ends
+# Files written (the device tool returns at most 8): summary.txt, recall.tar.gz, kernel_tests.log,
+# bench.log, bench_kernels_gpu.json.
+set -u
+OUT=${OUT:-/tmp/gpu_session}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false TF_CPP_MIN_LOG_LEVEL=2
+if compgen -G ".whl/*.whl" >/dev/null; then # packages the GPU image lacks (ml_collections)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+STAGES=${*:-env recall kernels bench}
+has() { [[ " $STAGES " == *" $1 "* ]]; }
+say() { echo "== $(date +%T) $*" | tee -a "$OUT/summary.txt"; }
+START=$(date +%s)
+
+if has env; then
+  say env
+  python3 - 2>&1 <<'EOF' | tee -a "$OUT/summary.txt"
+import jax, flax, optax, chex, orbax.checkpoint as ocp
+print("jax", jax.__version__, "flax", flax.__version__, "optax", optax.__version__,
+      "chex", chex.__version__, "orbax", ocp.__version__, "devices", jax.devices())
+EOF
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv \
+    | tee -a "$OUT/summary.txt"
+fi
+
+RECALL_PIDS=""
+if has recall; then # variant a: the configs as committed; b: $RECALL_B_OVERRIDES on top, if set
+  for v in a b; do
+    over=""
+    if [[ $v == b ]]; then
+      [[ -n "${RECALL_B_OVERRIDES:-}" ]] || continue
+      over="--overrides=$RECALL_B_OVERRIDES"
+    fi
+    say "recall $v (background) $over"
+    (
+      timeout 330 python3 -m experiments.recall.pipeline --preset="${PRESET:-gpu}" --workdir=/tmp/recall_$v \
+        --stages=teacher,distill,export --export_params_dir=/tmp/recall_$v/params $over \
+        >/tmp/recall_$v.log 2>&1
+      echo "recall $v exit $?" >>/tmp/recall_$v.log
+    ) &
+    RECALL_PIDS="$RECALL_PIDS $!"
+  done
+fi
+
+if has kernels; then
+  say kernels
+  JAX_DEFAULT_MATMUL_PRECISION=highest timeout 200 python3 -m pytest -q -p no:cacheprovider \
+    tests/test_kernels_linear.py tests/test_kernels_hybrid.py tests/test_kernels_lola_chunk.py \
+    -k "pallas_gpu or xla" -o addopts="" -m "not slow" >"$OUT/kernel_tests.log" 2>&1
+  say "kernel tests exit $?: $(tail -1 "$OUT/kernel_tests.log")"
+fi
+
+if [[ -n "$RECALL_PIDS" ]]; then
+  wait $RECALL_PIDS
+  for v in a b; do
+    [[ -f /tmp/recall_$v.log ]] || continue
+    say "recall $v: $(tail -1 /tmp/recall_$v.log)"
+    grep -E "^ *step " /tmp/recall_$v.log | tail -3 | tee -a "$OUT/summary.txt"
+    mkdir -p /tmp/recall_$v/params && cp /tmp/recall_$v.log /tmp/recall_$v/params/recall.log
+    cp /tmp/recall_$v/teacher/metrics.jsonl /tmp/recall_$v/params/teacher_metrics.jsonl 2>/dev/null
+    cp /tmp/recall_$v/hybrid/metrics.jsonl /tmp/recall_$v/params/hybrid_metrics.jsonl 2>/dev/null
+  done
+  tar -czf "$OUT/recall.tar.gz" -C /tmp $(cd /tmp && ls -d recall_?/params)
+fi
+
+if has bench; then
+  say bench
+  timeout 120 python3 -m experiments.benchmarks.bench_kernels --seq_lens=1024,4096,16384 \
+    --head_dims=64,128 --iters=5 --out=/tmp/bench_linear.json >"$OUT/bench.log" 2>&1
+  timeout 60 python3 -m experiments.benchmarks.bench_kernels --suite=lola \
+    --seq_lens=4096,16384 --head_dims=64 --iters=5 --out=/tmp/bench_lola.json \
+    >>"$OUT/bench.log" 2>&1
+  say "bench exit $?"
+  python3 -c 'import json, os, sys; json.dump({k: json.load(open(f"/tmp/bench_{k}.json")) for k in ("linear", "lola") if os.path.exists(f"/tmp/bench_{k}.json")}, open(sys.argv[1], "w"), indent=1)' "$OUT/bench_kernels_gpu.json"
+fi
+
+say "done after $(($(date +%s) - START))s"
