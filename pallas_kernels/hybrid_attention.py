@@ -317,6 +317,17 @@ def hybrid_attention(
   """
   validate_hybrid_inputs(q, k, v, phi_q, phi_k, gate, chunk_size, mix, softmax_scale)
   impl = common.resolve_implementation(implementation)
+  native = not (common.interpret_mode() if interpret is None else interpret)
+  bs = block_sizes or common.BlockSizes.get_default()
+  if impl == "pallas" and native and bs.pow2 and chunk_size & (chunk_size - 1):
+    # The chunk is the window, so it cannot be padded; Triton tensors must be powers of two.
+    if implementation is None:
+      impl = "xla"
+    else:
+      raise ValueError(
+        f"chunk_size must be a power of two for the compiled Pallas kernel on "
+        f"{jax.default_backend()} (Triton), got {chunk_size}; use implementation='xla'"
+      )
   return _dispatch(
     q, k, v, phi_q, phi_k, gate, chunk_size, mix, softmax_scale, impl, block_sizes, interpret
   )

@@ -8,7 +8,7 @@ import pytest
 from kernels_helpers import BF16_RTOL, IMPLS, assert_rel_rms, features, normal
 
 from lola_jax import LoLAConfig, lola_prefill
-from pallas_kernels import hybrid_attention
+from pallas_kernels import BlockSizes, hybrid_attention
 
 
 def numpy_hybrid(q, k, v, phi_q, phi_k, gate, c, mix):
@@ -58,6 +58,10 @@ class TestHybridAttention:
   @pytest.mark.parametrize("t,c,hq,hkv", CASES)
   def test_forward_matches_numpy_and_core(self, impl, interpret, t, c, hq, hkv, mix):
     args = make_inputs(0, 2, t, hq, hkv)
+    if interpret is False and jax.default_backend() == "gpu" and c & (c - 1):
+      with pytest.raises(ValueError, match="chunk_size must be a power of two"):
+        self.run(impl, interpret, *args, chunk_size=c, mix=mix)
+      return
     y = self.run(impl, interpret, *args, chunk_size=c, mix=mix)
     chex.assert_shape(y, (2, t, hq, 3))
     assert_rel_rms(y, numpy_hybrid(*args, c, mix), 1e-5, "y vs numpy")
@@ -118,3 +122,16 @@ def test_bad_input_raises():
     hybrid_attention(q, k, v, pq, pk[..., :2], g)
   with pytest.raises(ValueError, match="mix"):
     hybrid_attention(q, k, v, pq, pk, g, mix="sum")
+
+
+def test_non_power_of_two_chunk_is_rejected_where_triton_compiles():
+  """Triton needs power-of-two tensors and the hybrid's chunk is the window (never padded)."""
+  args = make_inputs(0, 1, 8, 2, 1)
+  with pytest.raises(ValueError, match="chunk_size must be a power of two.*got 3"):
+    hybrid_attention(
+      *args,
+      chunk_size=3,
+      implementation="pallas",
+      block_sizes=BlockSizes(pow2=True),
+      interpret=False,
+    )

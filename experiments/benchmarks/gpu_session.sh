@@ -10,7 +10,7 @@
 #   env      versions of jax/flax/optax/orbax/chex, the device, nvidia-smi
 #   recall   the recall pipeline's `gpu` preset (teacher, distill, export of the parameters), in the
 #            background while the kernel tests run (correctness only, so sharing the GPU is fine);
-#            a second variant with RECALL_B_OVERRIDES (pipeline --overrides) runs beside it if set.
+#            RECALL_VARIANTS trains several variants side by side (see below).
 #            Parameters, logs and metrics come back in recall.tar.gz.
 #   kernels  the Pallas kernel tests compiled for real (tests/kernels_helpers.py adds
 #            `pallas_gpu` next to xla and the interpreters), f32 matmuls at full precision
@@ -42,18 +42,20 @@ EOF
 fi
 
 RECALL_PIDS=""
-if has recall; then # variant a: the configs as committed; b: $RECALL_B_OVERRIDES on top, if set
-  for v in a b; do
-    over=""
-    if [[ $v == b ]]; then
-      [[ -n "${RECALL_B_OVERRIDES:-}" ]] || continue
-      over="--overrides=$RECALL_B_OVERRIDES"
-    fi
-    say "recall $v (background) $over"
+# RECALL_VARIANTS: space-separated "name:pipeline flags" (flags joined by '+'), trained side by side;
+# default one variant "a" with the committed configs.
+VARIANTS=${RECALL_VARIANTS:-a:}
+if has recall; then
+  for spec in $VARIANTS; do
+    v=${spec%%:*}
+    extra=${spec#*:}
+    extra=${extra//+/ }
+    say "recall $v (background) $extra"
+    mkdir -p /tmp/recall_$v
     (
-      timeout 330 python3 -m experiments.recall.pipeline --preset="${PRESET:-gpu}" --workdir=/tmp/recall_$v \
-        --stages=teacher,distill,export --export_params_dir=/tmp/recall_$v/params $over \
-        >/tmp/recall_$v.log 2>&1
+      timeout "${RECALL_TIMEOUT:-330}" python3 -m experiments.recall.pipeline \
+        --preset="${PRESET:-gpu}" --workdir=/tmp/recall_$v --stages=teacher,distill,export \
+        --export_params_dir=/tmp/recall_$v/params $extra >/tmp/recall_$v.log 2>&1
       echo "recall $v exit $?" >>/tmp/recall_$v.log
     ) &
     RECALL_PIDS="$RECALL_PIDS $!"
@@ -70,24 +72,27 @@ fi
 
 if [[ -n "$RECALL_PIDS" ]]; then
   wait $RECALL_PIDS
-  for v in a b; do
-    [[ -f /tmp/recall_$v.log ]] || continue
+  for spec in $VARIANTS; do
+    v=${spec%%:*}
     say "recall $v: $(tail -1 /tmp/recall_$v.log)"
     grep -E "^ *step " /tmp/recall_$v.log | tail -3 | tee -a "$OUT/summary.txt"
     mkdir -p /tmp/recall_$v/params && cp /tmp/recall_$v.log /tmp/recall_$v/params/recall.log
     cp /tmp/recall_$v/teacher/metrics.jsonl /tmp/recall_$v/params/teacher_metrics.jsonl 2>/dev/null
     cp /tmp/recall_$v/hybrid/metrics.jsonl /tmp/recall_$v/params/hybrid_metrics.jsonl 2>/dev/null
   done
-  tar -czf "$OUT/recall.tar.gz" -C /tmp $(cd /tmp && ls -d recall_?/params)
+  tar -czf "$OUT/recall.tar.gz" -C /tmp $(cd /tmp && ls -d recall_*/params)
 fi
 
 if has bench; then
   say bench
-  timeout 120 python3 -m experiments.benchmarks.bench_kernels --seq_lens=1024,4096,16384 \
-    --head_dims=64,128 --iters=5 --out=/tmp/bench_linear.json >"$OUT/bench.log" 2>&1
-  timeout 60 python3 -m experiments.benchmarks.bench_kernels --suite=lola \
-    --seq_lens=4096,16384 --head_dims=64 --iters=5 --out=/tmp/bench_lola.json \
-    >>"$OUT/bench.log" 2>&1
+  # shellcheck disable=SC2086
+  timeout "${BENCH_TIMEOUT:-120}" python3 -m experiments.benchmarks.bench_kernels \
+    ${BENCH_LINEAR_ARGS:---seq_lens=1024,4096,16384 --head_dims=64,128 --iters=5} \
+    --out=/tmp/bench_linear.json >"$OUT/bench.log" 2>&1
+  # shellcheck disable=SC2086
+  timeout "${BENCH_TIMEOUT:-120}" python3 -m experiments.benchmarks.bench_kernels --suite=lola \
+    ${BENCH_LOLA_ARGS:---seq_lens=4096,16384 --head_dims=64 --iters=5} \
+    --out=/tmp/bench_lola.json >>"$OUT/bench.log" 2>&1
   say "bench exit $?"
   python3 -c 'import json, os, sys; json.dump({k: json.load(open(f"/tmp/bench_{k}.json")) for k in ("linear", "lola") if os.path.exists(f"/tmp/bench_{k}.json")}, open(sys.argv[1], "w"), indent=1)' "$OUT/bench_kernels_gpu.json"
 fi

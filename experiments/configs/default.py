@@ -70,6 +70,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.distill.finetune_steps = 0
   c.distill.finetune_lr = 1e-3
   c.distill.finetune_warmup_steps = 10
+  # What the finetune trains: "all" weights, or "feature_maps" (feature maps and gates only, so
+  # the softmax path, and with it the teacher's retrieval through the window and sparse cache,
+  # stays exactly the teacher's).
+  c.distill.finetune_params = "all"
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1

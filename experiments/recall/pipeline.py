@@ -50,6 +50,7 @@ flags.DEFINE_list(
   "Extra config overrides after the preset's, e.g. model.rope_fraction=0.5 (applied to the "
   "teacher and distill configs, and when loading for evaluation).",
 )
+flags.DEFINE_integer("teacher_steps", None, "Teacher training steps (default: the preset's).")
 flags.DEFINE_bool("mqar", True, "Evaluate MQAR.")
 flags.DEFINE_bool("niah", True, "Evaluate the needle in natural text.")
 
@@ -425,7 +426,7 @@ def main(argv):
   commands = []
   log = os.path.join(workdir, "train.log")
   teacher_dir, hybrid_dir = os.path.join(workdir, "teacher"), os.path.join(workdir, "hybrid")
-  t_over = overrides + [f"train.steps={preset['teacher_steps']}"]
+  t_over = overrides + [f"train.steps={FLAGS.teacher_steps or preset['teacher_steps']}"]
   d_over = overrides + [
     f"train.steps={preset['distill_steps']}",
     f"distill.finetune_steps={preset['finetune_steps']}",

@@ -9,12 +9,14 @@ Config layout (ml_collections; see experiments/configs/default.py for every fiel
                   cadence, keep_checkpoints, stop_at_step (save and stop there, as if
                   preempted: time-sliced jobs and resume tests);
   optim.*         lr, warmup_steps, end_lr_factor, weight_decay, b1, b2, eps, clip_norm;
-  distill.*       teacher_workdir, finetune_steps, finetune_lr, finetune_warmup_steps;
+  distill.*       teacher_workdir, finetune_steps, finetune_lr, finetune_warmup_steps,
+                  finetune_params ("all" | "feature_maps");
   mesh.*          data, fsdp, tensor (-1 = remaining devices).
 
 Steps [0, train.steps) run the main stage; in distill mode they train only feature maps and
 gates (attention transfer from the teacher's softmax attention), and steps
-[train.steps, train.steps + distill.finetune_steps) then finetune everything on the task loss.
+[train.steps, train.steps + distill.finetune_steps) then finetune on the task loss: everything,
+or only the feature maps and gates (`distill.finetune_params`).
 The step counter is the only position: batch `s` is `task.batch(s, batch_size)`.
 """
 
@@ -293,6 +295,11 @@ def train_and_evaluate(config, workdir: str, *, task=None, eval_task=None) -> di
     mask=main_mask,
   )
   train_finetune = None
+  finetune_params = config.distill.get("finetune_params", "all")
+  if finetune_params not in ("all", "feature_maps"):
+    raise ValueError(
+      f"config.distill.finetune_params must be 'all' or 'feature_maps', got {finetune_params!r}"
+    )
   if s.total_steps > config.train.steps:
     train_finetune = steps_lib.jit_train_step(
       mc,
@@ -302,7 +309,7 @@ def train_and_evaluate(config, workdir: str, *, task=None, eval_task=None) -> di
       s.opt_sh,
       kind="lm",
       accum=config.train.grad_accum_steps,
-      mask=model_lib.trainable_mask(mc, s.abstract_params, "all"),
+      mask=model_lib.trainable_mask(mc, s.abstract_params, finetune_params),
     )
   eval_fn = steps_lib.jit_eval_step(mc, mesh, s.param_sh, kind="lm")
   batch_sh = sharding_lib.batch_sharding(mesh)
