@@ -99,14 +99,15 @@ def _prefill_uses_pallas(config: LoLAConfig, acc_dtype) -> bool:
   """Which chunk step `lola_prefill` runs, from `config.implementation`.
 
   "pallas": the fused Pallas chunk step (`pallas_kernels.lola_chunk`; interpret mode on CPU).
-  "xla": the plain-JAX step. None: Pallas on TPU/GPU, XLA on CPU. "reference": the XLA step too
-  (`lola_reference` is float64 NumPy and cannot run under jit; call it directly). Float64 inputs
-  (whose state accumulates in float64) always take the XLA step: the kernel accumulates in f32;
-  so does the "attention" policy, whose per-pair softmax mass the kernel does not produce.
+  "xla": the plain-JAX step. None: Pallas on TPU, XLA on GPU/CPU (docs/benchmarks.md).
+  "reference": the XLA step too (`lola_reference` is float64 NumPy and cannot run under jit; call
+  it directly). Float64 inputs (whose state accumulates in float64) always take the XLA step: the
+  kernel accumulates in f32; so does the "attention" policy, whose per-pair softmax mass the
+  kernel does not produce.
   """
   impl = config.implementation
   if impl is None:
-    impl = "pallas" if jax.default_backend() in ("tpu", "gpu", "cuda", "rocm") else "xla"
+    impl = "pallas" if jax.default_backend() == "tpu" else "xla"
   return impl == "pallas" and acc_dtype != jnp.float64 and config.policy != "attention"
 
 
@@ -139,7 +140,7 @@ def lola_prefill(q, k, v, phi_q, phi_k, gate, *, config: LoLAConfig, state=None,
     config: static LoLAConfig. `config.implementation` picks the chunk step: "pallas" runs the
       fused Pallas kernel (`pallas_kernels.lola_chunk`: softmax over [cache; window; chunk], the
       linear read-out, the mix and the self-recall errors in one kernel per chunk; interpret
-      mode on CPU), "xla" the plain-JAX step, None Pallas on TPU/GPU and XLA on CPU, "reference"
+      mode on CPU), "xla" the plain-JAX step, None Pallas on TPU and XLA on GPU/CPU, "reference"
       the XLA step (see `_prefill_uses_pallas`). Selection, absorption and compaction are XLA.
     state: a LoLAState to continue from (any number of tokens already seen per row), or None to
       start fresh.

@@ -168,7 +168,7 @@ def _core():
 def _hybrid_kernel():
   """`pallas_kernels.hybrid_attention` if it exists (training forward of "hybrid"), else None.
 
-  It computes LoLA with cache_size 0 from a fresh state (Pallas on GPU/TPU, its XLA form on CPU)
+  It computes LoLA with cache_size 0 from a fresh state (Pallas on TPU, its XLA form on GPU/CPU)
   with a custom backward; `LoLAConfig.implementation="reference"` opts out (core scan instead).
   """
   try:
@@ -496,7 +496,10 @@ def trainable_mask(config: ModelConfig, params, which: str = "all") -> dict:
 
   def leaf(path, _):
     keys = [getattr(p, "key", getattr(p, "name", None)) for p in path]
-    is_fm = any(k in ("phi_q", "phi_k", "gate") for k in keys)
+    # The attention's mixing gate is attn/gate; the SwiGLU MLP's mlp/gate is an ordinary weight.
+    is_fm = any(k in ("phi_q", "phi_k") for k in keys) or any(
+      a == "attn" and b == "gate" for a, b in zip(keys, keys[1:], strict=False)
+    )
     if which == "feature_maps":
       return is_fm
     return not (is_fm and config.attention == "softmax")

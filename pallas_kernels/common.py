@@ -71,12 +71,22 @@ class BlockSizes:
 
 
 def resolve_implementation(implementation: str | None) -> str:
-  """None -> "pallas" on TPU/GPU, "xla" on CPU; otherwise validated and returned."""
+  """None -> "pallas" on TPU, "xla" on GPU and CPU; otherwise validated and returned.
+
+  Not Pallas on GPU: compiled with Triton on an H200 the kernels are correct but 15x slower than
+  the XLA chunked form (docs/benchmarks.md), so the default takes XLA there until they are
+  rewritten chunk-parallel.
+  """
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
   if implementation is None:
-    return "pallas" if jax.default_backend() in ("tpu", "gpu", "cuda", "rocm") else "xla"
+    return "pallas" if default_pallas() else "xla"
   return implementation
+
+
+def default_pallas() -> bool:
+  """Whether `implementation=None` means Pallas on the default backend (TPU only)."""
+  return jax.default_backend() == "tpu"
 
 
 def interpret_mode():

@@ -312,7 +312,7 @@ def hybrid_attention(
 
   Equals `lola_jax.lola_prefill(..., config=LoLAConfig(cache_size=0, chunk_size, mix))` from a
   fresh state (equations in the module docstrings of this file and `hybrid_xla`). Differentiable
-  in q, k, v, phi_q, phi_k and gate. implementation: None = "pallas" on TPU/GPU, "xla" on CPU;
+  in q, k, v, phi_q, phi_k and gate. implementation: None = "pallas" on TPU, "xla" on GPU/CPU;
   "reference" is the XLA form as well (the float64 reference lives in `lola_jax.lola_reference`).
   """
   validate_hybrid_inputs(q, k, v, phi_q, phi_k, gate, chunk_size, mix, softmax_scale)

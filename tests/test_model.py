@@ -146,19 +146,27 @@ def test_distill_targets_are_softmax():
   assert float(jnp.min(mses_h)) > 0
 
 
+def _mask_names(mask):
+  return {
+    "/".join(str(getattr(k, "key", k)) for k in path)
+    for path, on in jax.tree_util.tree_flatten_with_path(mask)[0]
+    if on
+  }
+
+
 def test_trainable_masks():
   cfg = tiny(attention="softmax")
   params = model_lib.init_params(cfg, jax.random.key(0))
-  fm = model_lib.trainable_mask(cfg, params, "feature_maps")
-  flat = jax.tree_util.tree_flatten_with_path(fm)[0]
-  names = {jax.tree_util.keystr(p) for p, v in flat if v}
-  assert names and all(("phi_" in n or "gate" in n) for n in names)
-  all_mask = model_lib.trainable_mask(cfg, params, "all")
-  assert not any(
-    v
-    for p, v in jax.tree_util.tree_flatten_with_path(all_mask)[0]
-    if "phi_" in jax.tree_util.keystr(p)
-  )
+  every = _mask_names(jax.tree.map(lambda _: True, params))
+  linear_branch = {n for n in every if "/attn/phi_" in n or "/attn/gate/" in n}
+  assert linear_branch and any("/mlp/gate/" in n for n in every)
+  # Attention transfer trains exactly the feature maps and the attention's mixing gates: the
+  # SwiGLU MLP's gate projection is an ordinary weight (an earlier mask froze it in softmax
+  # training and trained it during distillation).
+  assert _mask_names(model_lib.trainable_mask(cfg, params, "feature_maps")) == linear_branch
+  assert _mask_names(model_lib.trainable_mask(cfg, params, "all")) == every - linear_branch
+  hybrid = tiny(attention="hybrid")
+  assert _mask_names(model_lib.trainable_mask(hybrid, params, "all")) == every
 
 
 @pytest.mark.parametrize("feature_map", ["hedgehog", "elu", "identity"])

@@ -143,8 +143,18 @@ def test_distillation_trains_only_feature_maps_then_finetunes(straight, tmp_path
     for p, x in flat_s
     if not np.array_equal(x, flat_t[jax.tree_util.keystr(p)])
   }
-  assert changed and all(("phi_" in n or "gate" in n) for n in changed), changed
+  assert changed and all(("['attn']['phi_" in n or "['attn']['gate']" in n) for n in changed), (
+    changed
+  )
   assert [r["stage"] for r in read_metrics(tmp_path)] == ["distill"] * 3
+  # The same distillation from the teacher's exported .npz instead of its workdir.
+  npz = str(tmp_path / "teacher.npz")
+  ckpt_lib.save_params_npz(t, npz)
+  c_npz = c.copy_and_resolve_references()
+  c_npz.distill.teacher_workdir = ""
+  c_npz.distill.teacher_params = npz
+  from_npz = jax.device_get(run(c_npz, tmp_path / "from_npz")["params"])
+  chex.assert_trees_all_close(from_npz, student, atol=1e-6, rtol=1e-6)
   # The attention-transfer MSE on a fixed batch fell from the teacher's feature maps.
   mc = model_config_from(c)
   mse = jax.jit(lambda p, x: model_lib.bind(mc, p).distill(x)[1])
@@ -192,3 +202,20 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
   step = int(out.split("Preempted at step ")[1].split(";")[0])
   assert step >= 3
   assert os.path.isdir(tmp_path / "checkpoints" / str(step))
+
+
+def test_params_npz_round_trip_and_named_errors(tmp_path):
+  cfg = model_config_from(tiny_config())
+  params = model_lib.init_params(cfg, jax.random.key(3))
+  shapes = jax.eval_shape(lambda: params)
+  path = str(tmp_path / "p.npz")
+  ckpt_lib.save_params_npz(params, path)
+  chex.assert_trees_all_equal(ckpt_lib.load_params_npz(path, shapes), params)
+  flat = ckpt_lib.flat_params(params)
+  name = next(n for n in flat if n.endswith("q_proj/kernel"))
+  np.savez(path, **{**flat, name: flat[name][:1]})
+  with pytest.raises(ValueError, match=f"parameter {name} has shape"):
+    ckpt_lib.load_params_npz(path, shapes)
+  np.savez(path, **{n: x for n, x in flat.items() if n != name})
+  with pytest.raises(ValueError, match="missing parameters"):
+    ckpt_lib.load_params_npz(path, shapes)

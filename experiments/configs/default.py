@@ -67,6 +67,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.distill = ml_collections.ConfigDict()
   c.distill.teacher_workdir = ""  # a softmax run's workdir (its latest checkpoint is read)
+  c.distill.teacher_params = ""  # or a .npz of its parameters (checkpoint.save_params_npz)
   c.distill.finetune_steps = 0
   c.distill.finetune_lr = 1e-3
   c.distill.finetune_warmup_steps = 10

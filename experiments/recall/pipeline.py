@@ -51,6 +51,14 @@ flags.DEFINE_list(
   "teacher and distill configs, and when loading for evaluation).",
 )
 flags.DEFINE_integer("teacher_steps", None, "Teacher training steps (default: the preset's).")
+flags.DEFINE_integer("distill_steps", None, "Attention-transfer steps (default: the preset's).")
+flags.DEFINE_integer("finetune_steps", None, "Finetune steps after it (default: the preset's).")
+flags.DEFINE_string(
+  "teacher_params",
+  None,
+  "Skip the teacher stage: distill from (and evaluate) this teacher .npz (e.g. one trained on a "
+  "GPU with experiments/benchmarks/gpu_session.sh).",
+)
 flags.DEFINE_bool("mqar", True, "Evaluate MQAR.")
 flags.DEFINE_bool("niah", True, "Evaluate the needle in natural text.")
 
@@ -100,20 +108,11 @@ def _apply_overrides(config, overrides):
   return config
 
 
-def _flat(params):
-  import jax
-  import numpy as np
-
-  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-  return {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v) for path, v in leaves}
-
-
 def _load(config_module, workdir, overrides, params_file=None):
   """(ModelConfig, LoLALM): the newest checkpoint of a training run, or a params .npz file."""
   import importlib
 
   import jax
-  import numpy as np
 
   from lola_jax import model as model_lib
   from lola_jax.training import checkpoint as ckpt_lib
@@ -124,14 +123,8 @@ def _load(config_module, workdir, overrides, params_file=None):
   config.train.mode = "lm"  # distill mode would look for the teacher's run, not needed here
   model_config = trainer.model_config_from(config)
   if params_file:
-    stored = np.load(params_file)
     shapes = jax.eval_shape(lambda: model_lib.init_params(model_config, jax.random.key(0)))
-    paths = list(_flat(shapes))
-    missing = sorted(set(paths) - set(stored.files))
-    if missing:
-      raise ValueError(f"{params_file} lacks parameters {missing[:3]}...")
-    treedef = jax.tree_util.tree_structure(shapes)
-    params = jax.tree_util.tree_unflatten(treedef, [stored[p] for p in paths])
+    params = ckpt_lib.load_params_npz(params_file, shapes)
   else:
     s = trainer.setup(config)
     params, _ = ckpt_lib.restore_params(os.path.join(workdir, "checkpoints"), s.abstract_params)
@@ -140,10 +133,11 @@ def _load(config_module, workdir, overrides, params_file=None):
 
 def export_params(model, path):
   """Saves a model's parameters (float32, a few MB) to an .npz file."""
-  import numpy as np
   from flax import nnx
 
-  np.savez_compressed(path, **_flat(nnx.to_pure_dict(nnx.state(model))))
+  from lola_jax.training import checkpoint as ckpt_lib
+
+  ckpt_lib.save_params_npz(nnx.to_pure_dict(nnx.state(model)), path)
 
 
 def load_nets(workdir, overrides, params_dir=None):
@@ -152,6 +146,8 @@ def load_nets(workdir, overrides, params_dir=None):
   With --export_params_dir, also writes teacher.npz and hybrid.npz there.
   """
   files = {n: os.path.join(params_dir, f"{n}.npz") if params_dir else None for n in NETS}
+  if FLAGS.teacher_params and not params_dir:
+    files["teacher"] = FLAGS.teacher_params
   _, teacher = _load(
     "experiments.configs.recall_teacher",
     os.path.join(workdir, "teacher"),
@@ -428,14 +424,18 @@ def main(argv):
   teacher_dir, hybrid_dir = os.path.join(workdir, "teacher"), os.path.join(workdir, "hybrid")
   t_over = overrides + [f"train.steps={FLAGS.teacher_steps or preset['teacher_steps']}"]
   d_over = overrides + [
-    f"train.steps={preset['distill_steps']}",
-    f"distill.finetune_steps={preset['finetune_steps']}",
-    f"distill.teacher_workdir={teacher_dir}",
+    f"train.steps={FLAGS.distill_steps or preset['distill_steps']}",
+    f"distill.finetune_steps={FLAGS.finetune_steps or preset['finetune_steps']}",
+    f"distill.teacher_params={FLAGS.teacher_params}"
+    if FLAGS.teacher_params
+    else f"distill.teacher_workdir={teacher_dir}",
   ]
   for stage, config, wd, over in (
     ("teacher", TEACHER_CONFIG, teacher_dir, t_over),
     ("distill", DISTILL_CONFIG, hybrid_dir, d_over),
   ):
+    if stage == "teacher" and FLAGS.teacher_params:
+      continue
     if stage in FLAGS.stages and not FLAGS.params_dir:
       print(f"== stage {stage} ==", flush=True)
       start = time.time()

@@ -185,3 +185,46 @@ def restore_params(directory: str, abstract_params) -> tuple[Any, dict]:
       print(f"WARNING: {msg}; trying the previous checkpoint", flush=True)
   ckpt.close()
   raise CheckpointError(f"no readable checkpoint in {directory}")
+
+
+def _path_name(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def flat_params(params) -> dict[str, np.ndarray]:
+  """{'blocks/0/attn/q_proj/kernel': array, ...}: a parameter pytree as named host arrays."""
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  return {_path_name(path): np.asarray(v) for path, v in leaves}
+
+
+def save_params_npz(params, path: str) -> None:
+  """Writes a parameter pytree to a compressed .npz (names as in `flat_params`)."""
+  np.savez_compressed(path, **flat_params(params))
+
+
+def load_params_npz(path: str, abstract_params) -> Any:
+  """A parameter pytree shaped like `abstract_params` from a `save_params_npz` file.
+
+  Raises:
+    ValueError: naming the file and the missing, unexpected or misshapen parameters.
+  """
+  stored = np.load(path)
+  expected = {_path_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(abstract_params)[0]}
+  missing = sorted(set(expected) - set(stored.files))
+  extra = sorted(set(stored.files) - set(expected))
+  if missing or extra:
+    raise ValueError(
+      f"{path} does not match the model: missing parameters {missing[:3]}, unexpected "
+      f"{extra[:3]} ({len(missing)} missing, {len(extra)} unexpected)"
+    )
+  bad = [n for n, x in expected.items() if stored[n].shape != tuple(x.shape)]
+  if bad:
+    n = bad[0]
+    raise ValueError(
+      f"{path}: parameter {n} has shape {stored[n].shape}, the model expects "
+      f"{tuple(expected[n].shape)} ({len(bad)} mismatched)"
+    )
+  treedef = jax.tree_util.tree_structure(abstract_params)
+  return jax.tree_util.tree_unflatten(
+    treedef, [jnp.asarray(stored[n], x.dtype) for n, x in expected.items()]
+  )

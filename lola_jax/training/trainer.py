@@ -9,7 +9,8 @@ Config layout (ml_collections; see experiments/configs/default.py for every fiel
                   cadence, keep_checkpoints, stop_at_step (save and stop there, as if
                   preempted: time-sliced jobs and resume tests);
   optim.*         lr, warmup_steps, end_lr_factor, weight_decay, b1, b2, eps, clip_norm;
-  distill.*       teacher_workdir, finetune_steps, finetune_lr, finetune_warmup_steps,
+  distill.*       teacher_workdir (or teacher_params, a .npz), finetune_steps, finetune_lr,
+                  finetune_warmup_steps,
                   finetune_params ("all" | "feature_maps");
   mesh.*          data, fsdp, tensor (-1 = remaining devices).
 
@@ -140,8 +141,11 @@ def setup(config, task=None, eval_task=None) -> Setup:
         f"model.attention must be hybrid, lola or linear in distill mode, got "
         f"{model_config.attention!r}"
       )
-    if not config.distill.get("teacher_workdir"):
-      raise ValueError("distill.teacher_workdir must name a softmax run's workdir")
+    if not (config.distill.get("teacher_workdir") or config.distill.get("teacher_params")):
+      raise ValueError(
+        "distill.teacher_workdir must name a softmax run's workdir (or distill.teacher_params "
+        "an exported .npz of its parameters)"
+      )
   finetune = int(config.distill.get("finetune_steps", 0)) if mode == "distill" else 0
   total_steps = config.train.steps + finetune
   stages = ()
@@ -215,7 +219,11 @@ def _abstract_train_state(s: Setup):
 
 def _initial_state(config, s: Setup):
   """Fresh parameters (or the teacher's, in distill mode), optimizer state and RNG."""
-  if config.train.get("mode", "lm") == "distill":
+  if config.train.get("mode", "lm") == "distill" and config.distill.get("teacher_params"):
+    path = config.distill.teacher_params
+    params = jax.device_put(ckpt_lib.load_params_npz(path, s.abstract_params), s.param_sh)
+    print(f"Distilling from teacher parameters {path}")
+  elif config.train.get("mode", "lm") == "distill":
     params, meta = ckpt_lib.restore_params(
       os.path.join(config.distill.teacher_workdir, "checkpoints"), s.abstract_params
     )
