@@ -1,9 +1,10 @@
 r"""Model-level ablation of the sparse-cache policies: accuracy against mean cache occupancy.
 
 The distilled recall `hybrid` (experiments/recall/params) runs as LoLA (chunk 64, sparse cache)
-under each policy row: `energy` at several tau (cache_size 64 as the cap), `energy_global` with
-32 slots per kv head shared by the heads of a layer, fixed `sre` at 8/16/32/64 slots (matched
-sizes), and `attention`, `recency`, `random` at 64. For pass-key and needle-in-pydoc prompts the
+under each policy row: `energy` at several tau (cache_size `--cap`, default 64, as the cap),
+`energy_global` with cap / 2 slots per kv head shared by the heads of a layer, fixed `sre` at
+`--sre_sizes` (default 8/16/32/64, for matched sizes), and `attention`, `recency`, `random` at the
+cap. For pass-key and needle-in-pydoc prompts the
 prompt is prefilled in segments of `--segment` tokens (the state carried, which is exact because
 LoLA's prefill/decode splits are), the valid sparse-cache slots per layer and kv head are counted
 after every segment, and the answer is then decoded greedily from the final states. MQAR is
@@ -47,7 +48,6 @@ TASKS = ("passkey", "niah", "mqar")
 ENERGY_TAUS = (0.5, 0.7, 0.8, 0.9, 0.95)
 SRE_SIZES = (8, 16, 32, 64)
 CAP = 64  # cache_size of the adaptive policies and of attention / recency / random
-SLOTS_PER_HEAD = 32  # energy_global: cache_budget = 32 * num_kv_heads
 # --quick (and the test): a tiny setting.
 QUICK = dict(
   context=256,
@@ -73,6 +73,12 @@ _MQAR_PAIRS = flags.DEFINE_list("mqar_pairs", ["8", "16", "32"], "MQAR key/value
 _MQAR_SEQ_LEN = flags.DEFINE_integer("mqar_seq_len", 254, "MQAR sequence length T.")
 _MQAR_SAMPLES = flags.DEFINE_integer("mqar_samples", 32, "MQAR sequences per pair count.")
 _FAMILIES = flags.DEFINE_list("families", list(FAMILIES), f"Policy families, of {FAMILIES}.")
+_CAP = flags.DEFINE_integer(
+  "cap", CAP, "cache_size of energy / energy_global / attention / recency / random."
+)
+_SRE_SIZES = flags.DEFINE_list(
+  "sre_sizes", [str(x) for x in SRE_SIZES], "Fixed sre cache sizes (matched sizes)."
+)
 _BATCH = flags.DEFINE_integer("batch_size", 0, "Prompts per batch (0: max(1, 16384 // context)).")
 _OUT = flags.DEFINE_string("out", "docs/results/cache_policies.json", "JSON output ('' = none).")
 _FIG_DIR = flags.DEFINE_string("fig_dir", "docs/figures", "Figure directory ('' = no figures).")
@@ -120,26 +126,36 @@ def load_hybrid(params_dir: str, preset: str = "demo"):
   return pipeline._load("experiments.configs.recall_distill", None, overrides, path)
 
 
-def policy_rows(num_kv_heads: int, chunk_size: int = 64, families=FAMILIES):
-  """[(label, LoLAConfig)] of every policy row of the ablation, in table order."""
+def policy_rows(
+  num_kv_heads: int,
+  chunk_size: int = 64,
+  families=FAMILIES,
+  cap: int = CAP,
+  sre_sizes: tuple[int, ...] = SRE_SIZES,
+):
+  """[(label, LoLAConfig)] of every policy row of the ablation, in table order.
+
+  `cap`: cache_size of the adaptive policies and of attention / recency / random; energy_global
+  shares cap / 2 slots per kv head (cache_budget = cap / 2 * Hkv).
+  """
   rows = []
   if "energy" in families:
     for tau in ENERGY_TAUS:
-      cfg = LoLAConfig(chunk_size=chunk_size, cache_size=CAP, policy="energy", energy_tau=tau)
-      rows.append((f"energy tau={tau} (max {CAP})", cfg))
+      cfg = LoLAConfig(chunk_size=chunk_size, cache_size=cap, policy="energy", energy_tau=tau)
+      rows.append((f"energy tau={tau} (max {cap})", cfg))
   if "energy_global" in families:
-    budget = SLOTS_PER_HEAD * num_kv_heads
+    budget = cap // 2 * num_kv_heads
     cfg = LoLAConfig(
-      chunk_size=chunk_size, cache_size=CAP, policy="energy_global", cache_budget=budget
+      chunk_size=chunk_size, cache_size=cap, policy="energy_global", cache_budget=budget
     )
-    rows.append((f"energy_global budget {budget} (max {CAP}/head)", cfg))
+    rows.append((f"energy_global budget {budget} (max {cap}/head)", cfg))
   if "sre" in families:
-    for lam in SRE_SIZES:
+    for lam in sre_sizes:
       rows.append((f"sre {lam}", LoLAConfig(chunk_size=chunk_size, cache_size=lam, policy="sre")))
   for family in ("attention", "recency", "random"):
     if family in families:
       rows.append(
-        (f"{family} {CAP}", LoLAConfig(chunk_size=chunk_size, cache_size=CAP, policy=family))
+        (f"{family} {cap}", LoLAConfig(chunk_size=chunk_size, cache_size=cap, policy=family))
       )
   return rows
 
@@ -372,13 +388,14 @@ def plot_pareto(rows, path):
 
 
 def _hist_labels(rows):
-  """Rows of the histogram: energy tau 0.8 / 0.9, energy_global, fixed sre 64 (those present)."""
+  """Rows of the histogram: energy tau 0.8 / 0.9, energy_global, the largest fixed sre."""
   want = []
+  max_sre = max([r["cache_size"] for r in rows if r["policy"] == "sre"], default=None)
   for r in rows:
     keep = (
       (r["policy"] == "energy" and r["energy_tau"] in (0.8, 0.9))
       or r["policy"] == "energy_global"
-      or (r["policy"] == "sre" and r["cache_size"] == max(SRE_SIZES))
+      or (r["policy"] == "sre" and r["cache_size"] == max_sre)
     )
     if keep and r["label"] not in want:
       want.append(r["label"])
@@ -482,7 +499,14 @@ def main(argv):
   if unknown or not _FAMILIES.value:
     raise app.UsageError(f"--families: unknown {unknown} (expected a subset of {FAMILIES})")
   model_cfg, hybrid = load_hybrid(_PARAMS_DIR.value, _PRESET.value)
-  policies = policy_rows(model_cfg.num_kv_heads, chunk, tuple(_FAMILIES.value))
+  sre_sizes = tuple(int(x) for x in _SRE_SIZES.value)
+  if _CAP.value < 1 or not sre_sizes or min(sre_sizes) < 1:
+    raise app.UsageError(
+      f"--cap and --sre_sizes must be positive, got {_CAP.value} and {_SRE_SIZES.value}"
+    )
+  policies = policy_rows(
+    model_cfg.num_kv_heads, chunk, tuple(_FAMILIES.value), _CAP.value, sre_sizes
+  )
   if _QUICK.value:
     policies = quick_rows(policies)
   print(

@@ -64,9 +64,9 @@ PRESETS["quick"] = dict(
   mqar_samples=16,
   wide_for=[64],
 )
-# One GPU (an H200 here): the parameters committed in experiments/recall/params were trained this
-# way (experiments/benchmarks/gpu_session.sh); the model is the same shape as every other preset's,
-# only the batch and the number of steps grow. Pallas stays off in training (xla) so a kernel
+# One GPU (an H200 here): the teacher committed in experiments/recall/params was trained this way
+# (experiments/benchmarks/gpu_session.sh; its README says how the hybrid was made); the model is
+# the same shape as every other preset's, only the batch and the number of steps grow. Pallas stays off in training (xla) so a kernel
 # problem cannot cost the run; the kernels are tested separately on the same machine.
 PRESETS["gpu"] = dict(
   PRESETS["demo"],
