@@ -33,6 +33,7 @@ def test_tokenizer_round_trip():
     ("passkey", 512, {}),
     ("niah", 512, {}),
     ("mqar", 128, {"num_pairs": 8}),
+    ("copy", 128, {}),
     ("mix", 512, {}),
   ],
 )
@@ -172,6 +173,27 @@ def test_mqar_segment_padding():
   assert (b["weights"][:, 254:] == 0).all() and (b["weights"].sum(1) == 8).all()
 
 
+def test_copy_rows_weight_exactly_the_repeats():
+  """Each weighted target is the token one segment back (the copy), read off the text itself."""
+  b = get_task("copy", seq_len=256, seed=1, segment_len=(3, 9)).batch(0, 4)
+  for inputs, targets, weights in zip(b["inputs"], b["targets"], b["weights"], strict=True):
+    text = TOK.decode(np.append(inputs, targets[-1]))
+    expected = np.zeros(len(inputs), np.float32)
+    start = 0
+    for segment in text.split(" ")[1:]:
+      start += 1  # the space
+      head, sep, tail = segment.partition("|")
+      if sep:  # positions of '|' and of each repeated token but the last predict a copy
+        for j in range(len(head)):
+          pos = start + len(head) + j
+          if pos < len(inputs):
+            expected[pos] = 1.0
+            assert targets[pos] == ord(head[j])
+      start += len(segment)
+    np.testing.assert_array_equal(weights, expected)
+    assert set(text) <= set("0123456789abcdefghijklmnopqrstuvwxyz| ")
+
+
 def test_mix_draws_every_task():
   b = get_task("mix", seq_len=512, seed=0).batch(0, 64)
   sums = b["weights"].sum(1)
@@ -193,6 +215,9 @@ def test_mix_draws_every_task():
     ({"name": "passkey", "seq_len": 512, "context_weight": 2.0}, "context_weight"),
     ({"name": "mix", "seq_len": 512, "weights": {"foo": 1.0}}, "weights"),
     ({"name": "mqar", "seq_len": 64, "num_pairs": "x"}, "num_pairs"),
+    ({"name": "copy", "seq_len": 64, "segment_len": (4, 40)}, "segment_len"),
+    ({"name": "copy", "seq_len": 64, "segment_len": (0, 8)}, "segment_len"),
+    ({"name": "copy", "seq_len": 64, "segment_len": "x"}, "segment_len"),
   ],
 )
 def test_bad_arguments_raise(kwargs, match):

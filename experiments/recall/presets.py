@@ -54,7 +54,7 @@ PRESETS["full"] = dict(
   PRESETS["demo"], teacher_steps=1500, distill_steps=300, finetune_steps=200, samples=4
 )
 # `make demo`: the demo preset's model evaluated on a smaller grid (fewer compiles), from the
-# parameters committed in experiments/recall/params (`--params_dir`), in about 10 minutes.
+# parameters committed in experiments/recall/params (`--params_dir`), in about 5 minutes.
 PRESETS["quick"] = dict(
   PRESETS["demo"],
   contexts=[512, 2048, 4096],
@@ -66,8 +66,9 @@ PRESETS["quick"] = dict(
 )
 # One GPU (an H200 here): the teacher committed in experiments/recall/params was trained this way
 # (experiments/benchmarks/gpu_session.sh; its README says how the hybrid was made); the model is
-# the same shape as every other preset's, only the batch and the number of steps grow. Pallas stays off in training (xla) so a kernel
-# problem cannot cost the run; the kernels are tested separately on the same machine.
+# the same shape as every other preset's, only the batch and the number of steps grow. Pallas
+# stays off in training (xla) so a kernel problem cannot cost the run; the kernels are tested
+# separately on the same machine.
 PRESETS["gpu"] = dict(
   PRESETS["demo"],
   overrides=[

@@ -207,7 +207,10 @@ _COPY_SEPARATOR = ord("|")
 
 def _copy_task(seq_len, options):
   opts = _check_options("copy", options, {"segment_len": (4, 32)})
-  lo, hi = _pairs_range(opts["segment_len"]) if opts["segment_len"] else (0, 0)
+  try:
+    lo, hi = _pairs_range(opts["segment_len"])
+  except (TypeError, ValueError):
+    lo, hi = 0, 0  # reported below
   if not 1 <= lo <= hi or 2 * hi + 2 > seq_len + 1:
     raise ValueError(
       f"segment_len must be an int or (lo, hi) range with 1 <= lo <= hi <= (seq_len - 1) // 2 = "
