@@ -300,7 +300,7 @@ def linear_attention(
   `initial_state` continues the sequence. Differentiable in all inputs, `initial_state` included,
   and through the returned state.
 
-  implementation: None picks "pallas" on TPU and "xla" (chunked `lax.scan`) on CPU; "pallas"
+  implementation: None picks "pallas" on TPU and "xla" (chunked `lax.scan`) on GPU/CPU; "pallas"
   on CPU runs the kernel in interpret mode; "reference" is the per-token scan. `interpret`
   overrides the interpret mode (e.g. `pltpu.InterpretParams()` for the TPU interpreter).
   """

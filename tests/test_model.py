@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lola_jax import LoLAConfig
+from lola_jax import LoLAConfig, layers
 from lola_jax import model as model_lib
 from lola_jax.model import LoLALM, ModelConfig
 
@@ -73,15 +73,17 @@ def make(**kw) -> Jitted:
   return Jitted(LoLALM(tiny(**kw), rngs=nnx.Rngs(0)))
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_prefill_and_decode_equal_training_forward(kind):
+@pytest.mark.parametrize(
+  "kind,rope_fraction", [(k, 1.0) for k in KINDS] + [("softmax", 0.5), ("lola", 0.5)]
+)
+def test_prefill_and_decode_equal_training_forward(kind, rope_fraction):
   """Padded prefill, a continuing prefill, then decode steps: every logit equals the forward.
 
   Row 0 is prefilled with 8 tokens, row 1 with 5 (padded to 8); both continue with a 6-token
   prefill and then decode one token at a time. Causality makes the forward's prefix logits the
   reference for every step.
   """
-  m = make(attention=kind)
+  m = make(attention=kind, rope_fraction=rope_fraction)
   t_total = 19
   toks = tokens(t=t_total)
   full = m(toks)
@@ -203,3 +205,23 @@ def test_bfloat16_compute_keeps_float32_params_and_states():
 def test_bad_config_names_field(kw, field):
   with pytest.raises(ValueError, match=field):
     tiny(**kw)
+
+
+def test_partial_rotary_against_numpy():
+  """apply_rope with rotary_dim r: the first r features rotate (rotate-half, base theta, r-dim
+  frequencies), the rest pass unchanged; so their dot products ignore position."""
+  x = np.asarray(jax.random.normal(jax.random.key(0), (1, 5, 2, 8)), np.float64)
+  pos = np.array([[0, 3, 7, 100, 513]])
+  out = np.asarray(layers.apply_rope(jnp.asarray(x, jnp.float32), jnp.asarray(pos), 100.0, None, 4))
+  freq = 100.0 ** (-np.arange(2) * 2.0 / 4)
+  ang = pos[..., None, None] * freq
+  x1, x2 = x[..., :2], x[..., 2:4]
+  ref = np.concatenate(
+    [x1 * np.cos(ang) - x2 * np.sin(ang), x2 * np.cos(ang) + x1 * np.sin(ang), x[..., 4:]], -1
+  )
+  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+  assert tiny(rope_fraction=0.5).rotary_dim == 4 and tiny().rotary_dim == 8
+  with pytest.raises(ValueError, match="rope_fraction"):
+    tiny(rope_fraction=0.0)
+  with pytest.raises(ValueError, match="rotary_dim"):
+    layers.apply_rope(jnp.asarray(x, jnp.float32), jnp.asarray(pos), 100.0, None, 3)
