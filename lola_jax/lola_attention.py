@@ -105,9 +105,9 @@ def _prefill_uses_pallas(config: LoLAConfig, acc_dtype) -> bool:
   kernel accumulates in f32; so does the "attention" policy, whose per-pair softmax mass the
   kernel does not produce.
   """
-  impl = config.implementation
-  if impl is None:
-    impl = "pallas" if jax.default_backend() == "tpu" else "xla"
+  from pallas_kernels.common import resolve_implementation  # lazy: pallas_kernels imports lola_jax
+
+  impl = resolve_implementation(config.implementation)
   return impl == "pallas" and acc_dtype != jnp.float64 and config.policy != "attention"
 
 

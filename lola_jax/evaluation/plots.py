@@ -15,13 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-
-def _labels(rows):
-  seen = []
-  for r in rows:
-    if r["label"] not in seen:
-      seen.append(r["label"])
-  return seen
+from lola_jax.evaluation.report import method_labels  # noqa: E402
 
 
 def _style(label):
@@ -42,7 +36,7 @@ def accuracy_vs_context(rows, path, tasks=("passkey", "niah")):
   fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.2), squeeze=False)
   for ax, task in zip(axes[0], tasks, strict=True):
     sel = [r for r in rows if r["task"] == task]
-    for label in _labels(sel):
+    for label in method_labels(sel):
       pts = sorted((r["context"], r["accuracy"]) for r in sel if r["label"] == label)
       ax.plot(*zip(*pts, strict=True), label=label, **_style(label))
     ax.set_xscale("log", base=2)
@@ -105,7 +99,7 @@ def accuracy_vs_bytes(rows, path, context, tasks=("passkey", "niah", "mqar")):
 def depth_heatmaps(cells, path, task="passkey"):
   """NIAH-style heat maps: accuracy over needle depth (rows) x context (columns), per method."""
   cells = [c for c in cells if c["task"] == task]
-  labels = _labels(cells)
+  labels = method_labels(cells)
   contexts = sorted({c["context"] for c in cells})
   depths = sorted({c["depth"] for c in cells})
   cols = min(4, len(labels))
@@ -139,7 +133,7 @@ def mqar_vs_pairs(rows, path):
   """MQAR accuracy against the number of key/value pairs, one line per method."""
   sel = [r for r in rows if r["task"] == "mqar"]
   fig, ax = plt.subplots(figsize=(6, 4.2))
-  for label in _labels(sel):
+  for label in method_labels(sel):
     pts = sorted((r["num_pairs"], r["accuracy"]) for r in sel if r["label"] == label)
     ax.plot(*zip(*pts, strict=True), label=label, **_style(label))
   ax.set_xscale("log", base=2)

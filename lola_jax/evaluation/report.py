@@ -7,7 +7,8 @@ def _kib(n):
   return f"{n / 1024:,.0f} KiB" if n >= 10 * 1024 else f"{n / 1024:.1f} KiB"
 
 
-def _labels(rows):
+def method_labels(rows):
+  """The rows' labels, each once, in first-seen order (table rows and plot lines)."""
   seen = []
   for r in rows:
     if r["label"] not in seen:
@@ -23,7 +24,7 @@ def retrieval_table(rows, task: str) -> str:
   head += [f"acc @{c}" for c in contexts]
   head += [f"state @{contexts[-1]}", f"full KV @{contexts[-1]}", "KV / state"]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-  for label in _labels(sel):
+  for label in method_labels(sel):
     rs = {r["context"]: r for r in sel if r["label"] == label}
     r0 = rs[max(rs)]
     cells = [
@@ -48,7 +49,7 @@ def bytes_table(rows, task: str = "passkey") -> str:
   contexts = sorted({r["context"] for r in sel})
   head = ["method"] + [f"state @{c} (x smaller than KV)" for c in contexts]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-  for label in _labels(sel):
+  for label in method_labels(sel):
     rs = {r["context"]: r for r in sel if r["label"] == label}
     cells = [label] + [
       f"{_kib(rs[c]['state_bytes'])} ({rs[c]['full_kv_bytes'] / rs[c]['state_bytes']:.1f}x)"
@@ -68,7 +69,7 @@ def mqar_table(rows) -> str:
   pairs = sorted({r["num_pairs"] for r in sel})
   head = ["method"] + [f"N={n}" for n in pairs] + ["state", "full KV"]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-  for label in _labels(sel):
+  for label in method_labels(sel):
     rs = {r["num_pairs"]: r for r in sel if r["label"] == label}
     r0 = next(iter(rs.values()))
     cells = [label] + [f"{100 * rs[n]['accuracy']:.0f}%" if n in rs else "" for n in pairs]
@@ -83,7 +84,7 @@ def coverage_table(rows) -> str:
   contexts = sorted({r["context"] for r in sel})
   head = ["method", "task"] + [f"@{c}" for c in contexts]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-  for label in _labels(sel):
+  for label in method_labels(sel):
     for task in ("passkey", "niah"):
       rs = {r["context"]: r for r in sel if r["label"] == label and r["task"] == task}
       if rs:
