@@ -66,6 +66,10 @@ class ModelConfig:
     scale_embeddings: multiply input embeddings by sqrt(E) (Gemma); False for Llama checkpoints.
     rope_fraction: share of each head's features that are rotated (`rotary_dim` = that share of
       d, rounded down to even, at least 2); the rest carry no position (1.0 = Llama).
+    layer_cache_sizes: optional per-layer sparse-cache capacities (one int >= 0 per layer) that
+      replace `lola.cache_size` layer by layer for the "lola" kind (None = the same everywhere);
+      the other kinds ignore it. A per-layer budget: a layer whose linear state memorises well
+      can hold fewer exact pairs than one that does the retrieval.
   """
 
   vocab_size: int = 256
@@ -89,6 +93,7 @@ class ModelConfig:
   rope_scaling: layers.RopeScaling | None = None
   scale_embeddings: bool = True
   rope_fraction: float = 1.0
+  layer_cache_sizes: tuple[int, ...] | None = None
 
   def __post_init__(self):
     for name in (
@@ -131,6 +136,20 @@ class ModelConfig:
       )
     if not isinstance(self.lola, LoLAConfig):
       raise ValueError(f"ModelConfig.lola must be a LoLAConfig, got {type(self.lola).__name__}")
+    if self.layer_cache_sizes is not None:
+      sizes = self.layer_cache_sizes
+      if isinstance(sizes, list):  # from ml_collections / the command line; hashable from here on
+        sizes = tuple(sizes)
+        object.__setattr__(self, "layer_cache_sizes", sizes)
+      if (
+        not isinstance(sizes, tuple)
+        or len(sizes) != self.num_layers
+        or any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in sizes)
+      ):
+        raise ValueError(
+          f"ModelConfig.layer_cache_sizes must be None or {self.num_layers} ints >= 0 (one per "
+          f"layer), got {self.layer_cache_sizes!r}"
+        )
 
   @property
   def compute_dtype(self):
@@ -152,6 +171,13 @@ class ModelConfig:
     if self.attention == "hybrid":
       return dataclasses.replace(self.lola, cache_size=0)
     return self.lola
+
+  def layer_config(self, layer: int) -> ModelConfig:
+    """The config block `layer` runs with: `lola.cache_size` from `layer_cache_sizes`, if set."""
+    if self.layer_cache_sizes is None:
+      return self
+    lola = dataclasses.replace(self.lola, cache_size=self.layer_cache_sizes[layer])
+    return dataclasses.replace(self, lola=lola, layer_cache_sizes=None)
 
   def replace(self, **changes) -> ModelConfig:
     return dataclasses.replace(self, **changes)
@@ -354,7 +380,9 @@ class LoLALM(nnx.Module):
     self.embed = layers.Embed(
       config.vocab_size, config.d_model, dtype=dt, rngs=rngs, scale=config.scale_embeddings
     )
-    self.blocks = nnx.List([Block(config, rngs=rngs) for _ in range(config.num_layers)])
+    self.blocks = nnx.List(
+      [Block(config.layer_config(i), rngs=rngs) for i in range(config.num_layers)]
+    )
     self.final_norm = layers.RMSNorm(config.d_model, eps=config.norm_eps, dtype=dt)
     if not config.tie_embeddings:
       self.lm_head = layers.DenseGeneral(

@@ -68,8 +68,8 @@ def test_model_state_bytes_matches_model_states():
     lola=LoLAConfig(chunk_size=16, cache_size=8),
   )
   model = LoLALM(base, rngs=nnx.Rngs(0))
-  for attention in ("hybrid", "lola"):
-    m = model.with_lola_config(attention=attention)
+  for attention, per_layer in (("hybrid", None), ("lola", None), ("lola", (4, 40))):
+    m = model.with_lola_config(attention=attention, layer_cache_sizes=per_layer)
     states = m.init_states(1)
     assert sum(s.nbytes() for s in states) == model_state_bytes(m.config, 1000)
   soft = model.with_lola_config(attention="softmax")

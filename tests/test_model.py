@@ -118,6 +118,31 @@ def test_lola_with_large_cache_equals_softmax():
   assert float(jnp.max(jnp.abs(hybrid(toks) - soft(toks)))) > 1e-3
 
 
+def test_layer_cache_sizes_give_each_layer_its_own_cache():
+  """Cache 0 in layer 0 and a cache holding every token in layer 1 must be the LoLCATs hybrid in
+  layer 0 followed by exact softmax attention in layer 1 (the spec's two limits), composed here
+  block by block from the uniform kinds; and (3, 3) must equal cache_size 3 everywhere."""
+  toks = tokens(t=23)
+  base = LoLALM(tiny(attention="lola"), rngs=nnx.Rngs(0))
+  mixed = base.with_lola_config(layer_cache_sizes=(0, 32))
+  assert mixed.blocks[0].attn.config.lola_config.cache_size == 0
+  assert mixed.blocks[1].attn.config.lola_config.cache_size == 32
+  hybrid, soft = base.with_lola_config("hybrid"), base.with_lola_config("softmax")
+  positions = jnp.broadcast_to(jnp.arange(toks.shape[1]), toks.shape)
+  x = base.embed(toks)
+  x, _, _ = hybrid.blocks[0](x, positions)
+  x, _, _ = soft.blocks[1](x, positions)
+  expected = base._head(x)
+  logits, states = Jitted(mixed).prefill(toks)
+  chex.assert_trees_all_close(logits, expected, atol=2e-5, rtol=2e-5)
+  chex.assert_trees_all_close(Jitted(mixed)(toks), expected, atol=2e-5, rtol=2e-5)
+  assert states[0].cache_k.shape[2] == 0 and states[1].cache_k.shape[2] == 32
+  same = base.with_lola_config(layer_cache_sizes=(3, 3))
+  chex.assert_trees_all_close(Jitted(same)(toks), Jitted(base)(toks), atol=1e-6, rtol=1e-6)
+  # Lists (from ml_collections or flags) become a hashable tuple.
+  assert tiny(layer_cache_sizes=[1, 2]).layer_cache_sizes == (1, 2)
+
+
 def test_with_lola_config_shares_parameters():
   m = LoLALM(tiny(attention="hybrid"), rngs=nnx.Rngs(0))
   other = m.with_lola_config(lola=LoLAConfig(chunk_size=4, cache_size=8))
@@ -200,6 +225,10 @@ def test_bfloat16_compute_keeps_float32_params_and_states():
     (dict(feature_map="relu"), "feature_map"),
     (dict(head_dim=7), "head_dim"),
     (dict(dtype="int8"), "dtype"),
+    (dict(layer_cache_sizes=(3,)), "layer_cache_sizes"),
+    (dict(layer_cache_sizes=(3, -1)), "layer_cache_sizes"),
+    (dict(layer_cache_sizes=(3, 2.0)), "layer_cache_sizes"),
+    (dict(layer_cache_sizes=(True, 2)), "layer_cache_sizes"),
   ],
 )
 def test_bad_config_names_field(kw, field):

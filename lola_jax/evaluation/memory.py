@@ -109,8 +109,8 @@ def equal_memory_chunk(
 def model_state_bytes(config, context: int) -> int:
   """Decode-state bytes of a `lola_jax.model.ModelConfig` after `context` tokens (one row).
 
-  softmax: the full KV cache of `context` tokens; hybrid / lola: the LoLA state (capacities);
-  linear: the linear state only.
+  softmax: the full KV cache of `context` tokens; hybrid / lola: the LoLA state (capacities, layer
+  by layer when `layer_cache_sizes` is set); linear: the linear state only.
   """
   common = {
     "num_layers": config.num_layers,
@@ -123,11 +123,15 @@ def model_state_bytes(config, context: int) -> int:
   if config.attention == "linear":
     d = config.phi_dim
     return config.num_layers * config.num_kv_heads * (d * config.head_dim + d) * 4
-  lola = config.lola_config
-  return lola_state_bytes(
-    feature_dim=config.phi_dim,
-    chunk_size=lola.chunk_size,
-    cache_size=lola.cache_size,
-    kv_dtype=config.dtype,
-    **common,
+  per_layer = [config.layer_config(i).lola_config for i in range(config.num_layers)]
+  common["num_layers"] = 1
+  return sum(
+    lola_state_bytes(
+      feature_dim=config.phi_dim,
+      chunk_size=lola.chunk_size,
+      cache_size=lola.cache_size,
+      kv_dtype=config.dtype,
+      **common,
+    )
+    for lola in per_layer
   )
