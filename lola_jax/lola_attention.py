@@ -82,17 +82,18 @@ def _ungroup(y):
 
 
 def _end_of_chunk(
-  config, state_cache: Candidates, window: Candidates, linear_h, linear_s, scores=None
+  config, state_cache: Candidates, window: Candidates, linear_h, linear_s, scores=None, prior=None
 ):
   """Cache update when a chunk completes: candidates are the old cache + the leaving window.
 
   `scores`: optional [B, Hkv, L + C] self-recall errors of [cache; window] already computed
-  against (linear_h, linear_s) (the fused Pallas step).
+  against (linear_h, linear_s) (the fused Pallas step). `prior`: [B, P] positions held by the
+  layer below ("sre_below").
   """
   cand = jax.tree_util.tree_map(
     lambda a, b: jnp.concatenate([a, b], axis=-2 if a.ndim == 4 else -1), state_cache, window
   )
-  return update_sparse_cache(config, cand, linear_h, linear_s, scores=scores)
+  return update_sparse_cache(config, cand, linear_h, linear_s, scores=scores, prior=prior)
 
 
 def _prefill_uses_pallas(config: LoLAConfig, acc_dtype) -> bool:
@@ -130,7 +131,19 @@ def _window_candidates(k, v, phi_k, has_window, start, mass=None):
   return Candidates(k=k, v=v, phi_k=phi_k, positions=pos, mass=mass)
 
 
-def lola_prefill(q, k, v, phi_q, phi_k, gate, *, config: LoLAConfig, state=None, lengths=None):
+def lola_prefill(
+  q,
+  k,
+  v,
+  phi_q,
+  phi_k,
+  gate,
+  *,
+  config: LoLAConfig,
+  state=None,
+  lengths=None,
+  prior_positions=None,
+):
   """Runs LoLA attention over a block of tokens, continuing from `state`.
 
   Args:
@@ -146,6 +159,10 @@ def lola_prefill(q, k, v, phi_q, phi_k, gate, *, config: LoLAConfig, state=None,
       start fresh.
     lengths: [B] int, tokens t >= lengths[b] are right padding: they are ignored, their outputs
       are zero and they leave the state untouched. None means all T tokens are real.
+    prior_positions: policy "sre_below" only: int [B, P], the positions the sparse cache of the
+      layer below holds (-1 = empty), used at every chunk end of this call. Exact stacking
+      needs the lower layer's cache at the same chunk end, which is what the model provides by
+      calling with at most C tokens at a time (one chunk end per row); None = no prior.
 
   Returns:
     y: [B, T, Hq, dv] in q.dtype, and the state after the real tokens.
@@ -159,11 +176,25 @@ def lola_prefill(q, k, v, phi_q, phi_k, gate, *, config: LoLAConfig, state=None,
     validation.check_state(fn, state, config, sizes)
   if lengths is not None:  # values are checked here, where they are still concrete
     validation.check_lengths(fn, lengths, sizes["B"], sizes["T"])
-  return _lola_prefill(q, k, v, phi_q, phi_k, gate, config=config, state=state, lengths=lengths)
+  validation.check_prior_positions(fn, prior_positions, config.policy, sizes["B"])
+  return _lola_prefill(
+    q,
+    k,
+    v,
+    phi_q,
+    phi_k,
+    gate,
+    config=config,
+    state=state,
+    lengths=lengths,
+    prior_positions=prior_positions,
+  )
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
-def _lola_prefill(q, k, v, phi_q, phi_k, gate, *, config: LoLAConfig, state, lengths):
+def _lola_prefill(
+  q, k, v, phi_q, phi_k, gate, *, config: LoLAConfig, state, lengths, prior_positions=None
+):
   """The jitted body of `lola_prefill` (inputs already validated)."""
   sizes = validation.check_attention_inputs(
     "lola_prefill", q, k, v, phi_q, phi_k, gate, has_time=True
@@ -295,7 +326,9 @@ def _lola_prefill(q, k, v, phi_q, phi_k, gate, *, config: LoLAConfig, state, len
     window = _window_candidates(
       win_k, win_v, win_phi, has_window, (chunk_idx - 1) * c, win_mass if track else None
     )
-    new_cache, new_h, new_s = _end_of_chunk(config, cache, window, lin_h, lin_s, scores)
+    new_cache, new_h, new_s = _end_of_chunk(
+      config, cache, window, lin_h, lin_s, scores, prior_positions
+    )
     updated = (new_cache, kb, vb, phi_kb, block_mass, jnp.ones_like(has_window), new_h, new_s)
     carry = _select(complete, updated, carry)
     return carry, (_ungroup(y), block_mass)
@@ -384,7 +417,9 @@ def _lola_prefill(q, k, v, phi_q, phi_k, gate, *, config: LoLAConfig, state, len
   return y.astype(q.dtype), new_state
 
 
-def lola_decode(q, k, v, phi_q, phi_k, gate, *, config: LoLAConfig, state: LoLAState):
+def lola_decode(
+  q, k, v, phi_q, phi_k, gate, *, config: LoLAConfig, state: LoLAState, prior_positions=None
+):
   """Appends one token per row and returns its LoLA output.
 
   Args:
@@ -395,6 +430,8 @@ def lola_decode(q, k, v, phi_q, phi_k, gate, *, config: LoLAConfig, state: LoLAS
   Returns:
     y: [B, Hq, dv] in q.dtype, and the updated state. When a row's token completes its chunk,
     the sparse cache update runs (once per chunk, for all rows that complete together).
+    With policy "sre_below", `prior_positions` [B, P] int are the positions the layer below
+    holds after its own step for this token (see `lola_prefill`).
   """
   fn = "lola_decode"
   if not isinstance(config, LoLAConfig):
@@ -402,11 +439,16 @@ def lola_decode(q, k, v, phi_q, phi_k, gate, *, config: LoLAConfig, state: LoLAS
   sizes = validation.check_attention_inputs(fn, q, k, v, phi_q, phi_k, gate, has_time=False)
   validation.check_gate_values(fn, gate)
   validation.check_state(fn, state, config, sizes)
-  return _lola_decode(q, k, v, phi_q, phi_k, gate, config=config, state=state)
+  validation.check_prior_positions(fn, prior_positions, config.policy, sizes["B"])
+  return _lola_decode(
+    q, k, v, phi_q, phi_k, gate, config=config, state=state, prior_positions=prior_positions
+  )
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
-def _lola_decode(q, k, v, phi_q, phi_k, gate, *, config: LoLAConfig, state: LoLAState):
+def _lola_decode(
+  q, k, v, phi_q, phi_k, gate, *, config: LoLAConfig, state: LoLAState, prior_positions=None
+):
   """The jitted body of `lola_decode` (inputs already validated)."""
   sizes = validation.check_attention_inputs(
     "lola_decode", q, k, v, phi_q, phi_k, gate, has_time=False
@@ -486,7 +528,9 @@ def _lola_decode(q, k, v, phi_q, phi_k, gate, *, config: LoLAConfig, state: LoLA
       (num_tokens // c - 2) * c,
       st.window_mass if track else None,
     )
-    cache, lin_h, lin_s = _end_of_chunk(config, cache, window, st.linear_h, st.linear_s)
+    cache, lin_h, lin_s = _end_of_chunk(
+      config, cache, window, st.linear_h, st.linear_s, prior=prior_positions
+    )
     rolled = dataclasses.replace(
       st,
       cache_k=cache.k,

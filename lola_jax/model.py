@@ -271,10 +271,12 @@ class Attention(nnx.Module):
     k = layers.apply_rope(self.k_proj(x), positions, c.rope_theta, c.rope_scaling, r)
     return q, k, self.v_proj(x)
 
-  def attend(self, q, k, v, positions, state, lengths, *, decode: bool = False):
+  def attend(self, q, k, v, positions, state, lengths, *, decode: bool = False, prior=None):
     """The attention kind's mixing of q, k, v [B, T, H, d]; returns (y [B,T,Hq,d], state).
 
     `state=None` means a fresh sequence in training mode: no state is built or returned.
+    `prior`: int [B, P] positions the layer below holds in its sparse cache (policy
+    "sre_below"; None for the first layer).
     """
     c = self.config
     b, t = q.shape[:2]
@@ -297,6 +299,7 @@ class Attention(nnx.Module):
       return y, (None if fresh else state)
     lola_prefill, lola_decode, _ = _core()
     gate = self.gate()
+    below = {"prior_positions": prior} if prior is not None else {}
     if decode:
       y, state = lola_decode(
         q[:, 0],
@@ -307,6 +310,7 @@ class Attention(nnx.Module):
         gate,
         config=c.lola_config,
         state=state,
+        **below,
       )
       return y[:, None], state
     if state is None:
@@ -328,11 +332,13 @@ class Attention(nnx.Module):
       y, _ = lola_prefill(q, k, v, phi_q, phi_k, gate, config=c.lola_config)
       return y, None
     y, state = lola_prefill(
-      q, k, v, phi_q, phi_k, gate, config=c.lola_config, state=state, lengths=lengths
+      q, k, v, phi_q, phi_k, gate, config=c.lola_config, state=state, lengths=lengths, **below
     )
     return y, state
 
-  def __call__(self, x, positions, state=None, lengths=None, *, decode=False, distill=False):
+  def __call__(
+    self, x, positions, state=None, lengths=None, *, decode=False, distill=False, prior=None
+  ):
     """x [B, T, E] -> (out [B, T, E], state, distill_mse or None).
 
     With `distill=True` the layer's output is the exact softmax attention (the teacher) and the
@@ -340,7 +346,7 @@ class Attention(nnx.Module):
     v: LoLCATs' attention transfer.
     """
     q, k, v = self.qkv(x, positions)
-    y, state = self.attend(q, k, v, positions, state, lengths, decode=decode)
+    y, state = self.attend(q, k, v, positions, state, lengths, decode=decode, prior=prior)
     mse = None
     if distill:
       b, t = x.shape[:2]
@@ -362,9 +368,11 @@ class Block(nnx.Module):
     self.mlp_norm = layers.RMSNorm(config.d_model, eps=config.norm_eps, dtype=dt)
     self.mlp = layers.SwiGLU(config.d_model, config.mlp_dim, dtype=dt, rngs=rngs)
 
-  def __call__(self, x, positions, state=None, lengths=None, *, decode=False, distill=False):
+  def __call__(
+    self, x, positions, state=None, lengths=None, *, decode=False, distill=False, prior=None
+  ):
     h, state, mse = self.attn(
-      self.attn_norm(x), positions, state, lengths, decode=decode, distill=distill
+      self.attn_norm(x), positions, state, lengths, decode=decode, distill=distill, prior=prior
     )
     x = x + h
     x = x + self.mlp(self.mlp_norm(x))
@@ -400,18 +408,54 @@ class LoLALM(nnx.Module):
       return self.embed.attend(x)
     return self.lm_head(x).astype(jnp.float32)
 
+  @property
+  def stacks_selection(self) -> bool:
+    """Whether layers pass their sparse-cache positions up (LoLA with policy "sre_below")."""
+    return self.config.attention == "lola" and self.config.lola.policy == "sre_below"
+
   def _run(self, tokens, positions, states, lengths, *, decode=False, distill=False):
     x = self.embed(tokens)
     new_states, mses = [], []
+    prior = None
     for i, block in enumerate(self.blocks):
       st = None if states is None else states[i]
-      x, st, mse = block(x, positions, st, lengths, decode=decode, distill=distill)
+      x, st, mse = block(x, positions, st, lengths, decode=decode, distill=distill, prior=prior)
+      if self.stacks_selection and st is not None:
+        prior = st.cache_positions.reshape(st.cache_positions.shape[0], -1)  # [B, Hkv * L]
       new_states.append(st)
       mses.append(mse)
     return self._head(x), tuple(new_states), mses
 
+  def _run_stacked(self, tokens, states, lengths):
+    """Prefill for "sre_below": C tokens at a time through every layer (`lax.scan`).
+
+    Each row completes at most one chunk per C-token segment, so the cache a layer hands up
+    after a segment is the one it holds right after that chunk end: the same prior the decode
+    path gives token by token, which makes prefill and decode agree exactly.
+    """
+    b, t = tokens.shape
+    c = self.config.lola.chunk_size
+    n = -(-t // c)
+    tokens = jnp.pad(tokens, ((0, 0), (0, n * c - t)))
+    segments = jnp.moveaxis(tokens.reshape(b, n, c), 1, 0)  # [N, B, C]
+    starts = jnp.arange(n, dtype=jnp.int32) * c
+    graphdef, params = nnx.split(self)
+
+    def step(states, xs):
+      seg, start = xs
+      model = nnx.merge(graphdef, params)
+      seg_lengths = jnp.clip(lengths - start, 0, c).astype(jnp.int32)
+      positions = states[0].num_tokens[:, None] + jnp.arange(c)[None, :]
+      logits, states, _ = model._run(seg, positions, states, seg_lengths)
+      return states, logits
+
+    states, logits = jax.lax.scan(step, states, (segments, starts))
+    return jnp.moveaxis(logits, 0, 1).reshape(b, n * c, -1)[:, :t], states
+
   def __call__(self, tokens: jax.Array) -> jax.Array:
     """Training forward: int tokens [B, T] -> float32 logits [B, T, V]."""
+    if self.stacks_selection:
+      return self.prefill(tokens)[0]
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     return self._run(tokens, positions, None, None)[0]
 
@@ -452,6 +496,8 @@ class LoLALM(nnx.Module):
     positions = start[:, None] + jnp.arange(t)[None, :]
     if lengths is None:
       lengths = jnp.full((b,), t, jnp.int32)
+    if self.stacks_selection:
+      return self._run_stacked(tokens, states, jnp.asarray(lengths, jnp.int32))
     out, states, _ = self._run(tokens, positions, states, jnp.asarray(lengths, jnp.int32))
     return out, states
 

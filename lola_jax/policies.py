@@ -19,11 +19,18 @@ keep `min(L, |E|)` pairs; the adaptive ones keep fewer when the extra pairs woul
   "attention" the L pairs that received the most softmax mass while in the window and the cache
               (accumulated over queries and the group's query heads, H2O-style);
   "random"    L candidates chosen by a seeded hash of (position, kv head): deterministic and
-              independent of how the sequence was split into calls.
+              independent of how the sequence was split into calls;
+  "sre_below" the L best by the key (held by the layer below, e_i), lexicographically: first
+              the candidates whose position is in `prior` (the positions the sparse cache of
+              the layer below holds after its update at the same chunk end, any of its kv
+              heads), each group by decreasing self-recall error, ties to the older position.
+              Without a prior (the first layer) it is "sre". A layer whose keys cannot tell a
+              surprising pair from the filler (an induction head's keys carry little more than
+              the previous token) inherits the decision of a layer whose keys can.
 
-The head axis is the second-to-last axis of `positions` (only "energy_global" and "random" look
-at it). The fused Pallas chunk step may pass its self-recall errors as `scores=`; policies that
-rank by something else ignore them.
+The head axis is the second-to-last axis of `positions` (only "energy_global", "random" and
+"sre_below" look at it). The fused Pallas chunk step may pass its self-recall errors as
+`scores=`; policies that rank by something else ignore them.
 """
 
 from __future__ import annotations
@@ -216,6 +223,36 @@ def select_random(config: LoLAConfig, cand: Candidates, linear_h, linear_s, scor
   return _top_l(random_scores(cand.positions, config.seed), cand.valid, config.cache_size)
 
 
+def select_sre_below(
+  config: LoLAConfig, cand: Candidates, linear_h, linear_s, scores=None, prior=None
+) -> jax.Array:
+  """Keep the `cache_size` best by (held by the layer below, self-recall error, older first).
+
+  Args:
+    prior: int [B, P] positions the layer below holds (-1 = empty slot), or None. Candidates are
+      [B, Hkv, N]; the prior is shared by the kv heads.
+  """
+  lam = config.cache_size
+  if lam == 0:
+    return jnp.zeros(cand.valid.shape, bool)
+  err = (
+    scores
+    if scores is not None
+    else self_recall_error(cand.phi_k, cand.v, linear_h, linear_s, config.eps)
+  )
+  err = jax.lax.stop_gradient(err)
+  if prior is None:
+    below = jnp.zeros(cand.valid.shape, bool)
+  else:
+    prior = jnp.where(prior >= 0, prior, -2)  # an empty prior slot never matches an empty candidate
+    below = jnp.any(cand.positions[..., :, None] == prior[:, None, None, :], axis=-1)
+  # Sort keys, last one primary: valid first, then held below, then larger error; stable, so
+  # equal keys keep position order (older first).
+  order = jnp.lexsort((-err, (~below).astype(jnp.int32), (~cand.valid).astype(jnp.int32)), axis=-1)
+  rank = jnp.arange(err.shape[-1])
+  return _scatter(jnp.broadcast_to(rank < lam, order.shape), order) & cand.valid
+
+
 # policy(config, cand, linear_h, linear_s, scores=None) -> keep mask [..., N].
 SelectionPolicy = Callable[..., jax.Array]
 
@@ -226,7 +263,8 @@ POLICIES: dict[str, SelectionPolicy] = {
   "energy_global": select_energy_global,
   "attention": select_attention,
   "random": select_random,
+  "sre_below": select_sre_below,
 }
 
 # Policies that rank by the self-recall error (the fused kernel's scores are useful to them).
-SRE_POLICIES = ("sre", "energy", "energy_global")
+SRE_POLICIES = ("sre", "energy", "energy_global", "sre_below")

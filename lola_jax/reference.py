@@ -55,11 +55,12 @@ def _energy_keep(config, candidates, energy, v_sq):
   return [j for n, j in enumerate(ranked[:count]) if energy[j] >= floor or n < config.min_cache]
 
 
-def _select(config, candidates_by_head, errors_by_head, v_sq_by_head, mass, heads):
-  """Kept positions per head. candidates: list of positions; errors/v_sq/mass: dicts by position."""
+def _select(config, candidates_by_head, errors_by_head, v_sq_by_head, mass, heads, below=()):
+  """Kept positions per head. candidates: list of positions; errors/v_sq/mass: dicts by position;
+  below: the positions the layer below holds ("sre_below")."""
   lam, policy = config.cache_size, config.policy
   keep = {}
-  if policy in ("sre", "recency", "random", "attention"):
+  if policy in ("sre", "recency", "random", "attention", "sre_below"):
     for h in heads:
       cands = candidates_by_head[h]
       if len(cands) <= lam:
@@ -67,6 +68,8 @@ def _select(config, candidates_by_head, errors_by_head, v_sq_by_head, mass, head
         continue
       if policy == "sre":
         ranked = sorted(cands, key=lambda j, h=h: (-errors_by_head[h][j], j))
+      elif policy == "sre_below":
+        ranked = sorted(cands, key=lambda j, h=h: (j not in below, -errors_by_head[h][j], j))
       elif policy == "recency":
         ranked = sorted(cands, key=lambda j: -j)
       elif policy == "attention":
@@ -101,18 +104,25 @@ def _select(config, candidates_by_head, errors_by_head, v_sq_by_head, mass, head
   return keep
 
 
-def lola_reference(q, k, v, phi_q, phi_k, gate, *, config: LoLAConfig, return_cache=False):
+def lola_reference(
+  q, k, v, phi_q, phi_k, gate, *, config: LoLAConfig, return_cache=False, prior_positions=None
+):
   """LoLA attention of whole sequences, one token at a time, in float64.
 
   Args: as `lola_prefill` (q [B,T,Hq,dk], k [B,T,Hkv,dk], v [B,T,Hkv,dv], phi_q [B,T,Hq,D],
     phi_k [B,T,Hkv,D], gate [Hq]) without state or lengths.
     return_cache: also return the final sparse cache positions.
+    prior_positions: policy "sre_below": int [B, P] positions held by the layer below, the same
+      at every chunk end (-1 entries are ignored).
 
   Returns:
     y: float64 np.ndarray [B, T, Hq, dv]; with return_cache, also int32 [B, Hkv, L] cached
     positions in increasing order, -1 for empty slots (last).
   """
   validation.check_attention_inputs("lola_reference", q, k, v, phi_q, phi_k, gate, has_time=True)
+  validation.check_prior_positions("lola_reference", prior_positions, config.policy, q.shape[0])
+  if prior_positions is not None:
+    prior_positions = np.asarray(prior_positions)
   q, k, v, phi_q, phi_k, gate = (np.asarray(x, np.float64) for x in (q, k, v, phi_q, phi_k, gate))
   b_size, t_size, hq, dk = q.shape
   hkv, dv, feat = k.shape[2], v.shape[3], phi_k.shape[3]
@@ -163,7 +173,8 @@ def lola_reference(q, k, v, phi_q, phi_k, gate, *, config: LoLAConfig, return_ca
         for h in heads
       }
       v_sq = {h: {j: float(v[b, j, h] @ v[b, j, h]) for j in candidates[h]} for h in heads}
-      keep = _select(config, candidates, errors, v_sq, mass, heads)
+      below = () if prior_positions is None else {int(j) for j in prior_positions[b] if j >= 0}
+      keep = _select(config, candidates, errors, v_sq, mass, heads, below)
       for h in heads:
         kept = set(keep[h])
         for j in candidates[h]:

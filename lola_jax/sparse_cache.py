@@ -44,7 +44,9 @@ def absorb(linear_h, linear_s, cand: Candidates, mask: jax.Array):
   return linear_h, linear_s
 
 
-def update_sparse_cache(config: LoLAConfig, cand: Candidates, linear_h, linear_s, scores=None):
+def update_sparse_cache(
+  config: LoLAConfig, cand: Candidates, linear_h, linear_s, scores=None, prior=None
+):
   """One end-of-chunk update: select, absorb the rest, compact the kept pairs.
 
   Args:
@@ -54,16 +56,17 @@ def update_sparse_cache(config: LoLAConfig, cand: Candidates, linear_h, linear_s
     scores: optional [..., N] float32 self-recall errors of `cand` against (linear_h, linear_s),
       already computed by the caller; handed to the policy (the "sre" policy then skips its own
       scoring, "recency" ignores them).
+    prior: int [B, P] positions the layer below holds (policy "sre_below" only), or None.
 
   Returns:
     (cache, linear_h, linear_s): `cache` a Candidates of L slots sorted by position with empty
     slots (zeros, position -1) last; the updated linear state.
   """
   policy = POLICIES[config.policy]
-  if scores is None:
-    keep = policy(config, cand, linear_h, linear_s)
-  else:
-    keep = policy(config, cand, linear_h, linear_s, scores=scores)
+  extra = {} if scores is None else {"scores": scores}
+  if config.policy == "sre_below":
+    extra["prior"] = prior
+  keep = policy(config, cand, linear_h, linear_s, **extra)
   linear_h, linear_s = absorb(linear_h, linear_s, cand, cand.valid & ~keep)
   lam = config.cache_size
   # Kept pairs first, in position order; everything else after.

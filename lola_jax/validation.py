@@ -117,3 +117,21 @@ def check_lengths(fn: str, lengths, batch: int, time: int) -> None:
     return
   if concrete.min() < 0 or concrete.max() > time:
     raise ValueError(f"{fn}: lengths must lie in [0, T={time}], got {concrete.tolist()}")
+
+
+def check_prior_positions(fn: str, prior_positions, policy: str, batch: int) -> None:
+  """`prior_positions` [B, P] int (P >= 0; -1 = none) is read by policy "sre_below" only."""
+  if prior_positions is None:
+    return
+  if policy != "sre_below":
+    raise ValueError(
+      f"{fn}: prior_positions is only read by policy 'sre_below', got policy {policy!r}"
+    )
+  dtype = getattr(prior_positions, "dtype", None)
+  if dtype is None or not jnp.issubdtype(dtype, jnp.integer):
+    raise ValueError(f"{fn}: prior_positions must be an integer array [B, P], got {dtype}")
+  if prior_positions.ndim != 2 or prior_positions.shape[0] != batch:
+    raise ValueError(
+      f"{fn}: prior_positions must have shape [B={batch}, P], got "
+      f"{_shape_str(prior_positions.shape)}"
+    )

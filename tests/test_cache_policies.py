@@ -179,3 +179,65 @@ def test_jit_of_policies_under_grad():
       inputs[0]
     )
     assert bool(jnp.isfinite(g).all())
+
+
+# "sre_below": a prior of positions (the layer below's cache) is ranked first.
+PRIOR = np.array([[3, 17, 30, -1, 9], [-1, -1, 22, 5, 26]], np.int32)
+
+
+@pytest.mark.parametrize(
+  "cache_size, prior", [(6, PRIOR), (2, PRIOR), (6, PRIOR[:, :0]), (6, None)]
+)
+def test_sre_below_matches_reference(cache_size, prior):
+  inputs = make_inputs(seed=31, time=40, q_heads=4, kv_heads=2)
+  config = LoLAConfig(chunk_size=4, cache_size=cache_size, policy="sre_below")
+  prior_j = None if prior is None else jnp.asarray(prior)
+  y, state = lola_prefill(*inputs, config=config, prior_positions=prior_j)
+  y_ref, pos_ref = lola_reference(*inputs, config=config, return_cache=True, prior_positions=prior)
+  assert rel_rms(y, y_ref) <= 1e-5
+  np.testing.assert_array_equal(cached_positions(state), pos_ref)
+  if prior is None or prior.shape[1] == 0:  # no prior: exactly "sre"
+    _, sre = lola_reference(*inputs, config=LoLAConfig(4, cache_size), return_cache=True)
+    np.testing.assert_array_equal(pos_ref, sre)
+  elif cache_size >= 6:  # every prior position that left the window is held (the spec's order)
+    held = np.asarray(cached_positions(state))
+    for b in range(2):
+      for p in prior[b][(prior[b] >= 0) & (prior[b] < 32)]:
+        assert (held[b] == p).any(-1).all(), (b, p)
+
+
+def test_sre_below_prefill_decode_equivalence_with_a_fixed_prior():
+  inputs = make_inputs(seed=32, time=23)
+  config = LoLAConfig(chunk_size=4, cache_size=3, policy="sre_below")
+  prior = jnp.asarray(PRIOR[:, :3] % 20)
+  y_full, s_full = lola_prefill(*inputs, config=config, prior_positions=prior)
+  y1, state = lola_prefill(*time_slice(inputs, 0, 9), config=config, prior_positions=prior)
+  ys = [y1]
+  for t in range(9, 23):
+    y, state = lola_decode(*time_step(inputs, t), config=config, state=state, prior_positions=prior)
+    ys.append(y[:, None])
+  chex.assert_trees_all_close(jnp.concatenate(ys, 1), y_full, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(state, s_full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+  "policy, prior, match",
+  [
+    ("sre", np.zeros((2, 3), np.int32), "only read by policy 'sre_below'"),
+    ("sre_below", np.zeros((3, 3), np.int32), r"shape \[B=2, P\]"),
+    ("sre_below", np.zeros((2,), np.int32), r"shape \[B=2, P\]"),
+    ("sre_below", np.zeros((2, 3), np.float32), "integer"),
+  ],
+)
+def test_prior_positions_validation(policy, prior, match):
+  inputs = make_inputs(seed=33, time=9)
+  config = LoLAConfig(chunk_size=4, cache_size=3, policy=policy)
+  with pytest.raises(ValueError, match="prior_positions.*" + match):
+    lola_prefill(*inputs, config=config, prior_positions=jnp.asarray(prior))
+  with pytest.raises(ValueError, match="prior_positions"):
+    lola_decode(
+      *time_step(inputs, 0),
+      config=config,
+      state=lola_prefill(*inputs, config=LoLAConfig(4, 3, policy=policy))[1],
+      prior_positions=jnp.asarray(prior),
+    )

@@ -203,3 +203,23 @@ def test_large_logits_stay_finite():
   yx, _ = lola_prefill(*inputs, config=cfg("xla"))
   assert np.isfinite(np.asarray(yp)).all()
   assert rel_rms(yp, yx) <= TOL
+
+
+@pytest.mark.slow
+def test_prefill_pallas_sre_below_uses_the_kernels_scores_and_the_prior():
+  """ "sre_below" ranks by the fused kernel's self-recall errors after the prior: pallas ==
+  xla == reference with a prior of positions that leave the window."""
+  inputs = make_inputs(3, **SHAPE)
+  prior = np.array([[1, 6, -1], [4, 0, 2]], np.int32)
+  kw = dict(policy="sre_below")
+  yp, sp = lola_prefill(*inputs, config=cfg("pallas", **kw), prior_positions=jnp.asarray(prior))
+  yx, sx = lola_prefill(*inputs, config=cfg("xla", **kw), prior_positions=jnp.asarray(prior))
+  yr, cr = lola_reference(
+    *inputs, config=cfg("xla", **kw), return_cache=True, prior_positions=prior
+  )
+  assert_rel_rms(yp, yx, TOL, "pallas vs xla")
+  assert_rel_rms(yp, yr, TOL, "pallas vs reference")
+  np.testing.assert_array_equal(sorted_positions(sp), sorted_positions(sx))
+  np.testing.assert_array_equal(sorted_positions(sp), np.sort(cr, axis=-1))
+  _, plain = lola_reference(*inputs, config=cfg("xla"), return_cache=True)
+  assert not np.array_equal(np.sort(cr, axis=-1), np.sort(plain, axis=-1))  # the prior mattered

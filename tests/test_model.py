@@ -143,6 +143,46 @@ def test_layer_cache_sizes_give_each_layer_its_own_cache():
   assert tiny(layer_cache_sizes=[1, 2]).layer_cache_sizes == (1, 2)
 
 
+def test_sre_below_stacks_selection_exactly_across_prefill_and_decode():
+  """With policy "sre_below" each layer ranks first what the layer below holds. The prefill path
+  (C-token segments through all layers) and token-by-token decode (priors from each step) must
+  agree on every logit and every final state; and with room for the whole prior, layer 1 ends
+  holding every position layer 0 holds (those left the window in both layers at the same
+  chunk end and were ranked first ever since)."""
+  cfg = tiny(
+    attention="lola",
+    lola=LoLAConfig(chunk_size=4, cache_size=4, policy="sre_below"),
+    layer_cache_sizes=(2, 4),
+  )
+  m = Jitted(LoLALM(cfg, rngs=nnx.Rngs(3)))
+  toks = tokens(t=27, seed=5)
+  full, st_full = m.prefill(toks)
+  chex.assert_trees_all_close(m(toks), full, atol=1e-5, rtol=1e-5)
+  logits, st = m.prefill(toks[:, :7])
+  steps = [logits]
+  for t in range(7, 27):
+    step_logits, st = m.decode(toks[:, t], st)
+    steps.append(step_logits[:, None])
+  chex.assert_trees_all_close(jnp.concatenate(steps, 1), full, atol=1e-5, rtol=1e-5)
+  chex.assert_trees_all_close(st, st_full, atol=1e-5, rtol=1e-5)
+  low = np.asarray(st_full[0].cache_positions)
+  high = np.asarray(st_full[1].cache_positions)
+  assert (low >= 0).sum() > 0
+  for b in range(low.shape[0]):
+    for p in set(low[b][low[b] >= 0].tolist()):
+      assert (high[b] == p).any(-1).all(), (b, p, low[b], high[b])
+  # Plain "sre" with the same sizes does not hold them all (the test would pass vacuously if so).
+  plain = Jitted(m.model.with_lola_config(lola=LoLAConfig(chunk_size=4, cache_size=4)))
+  _, st_plain = plain.prefill(toks)
+  high_plain = np.asarray(st_plain[1].cache_positions)
+  low_plain = np.asarray(st_plain[0].cache_positions)
+  assert any(
+    not (high_plain[b] == p).any(-1).all()
+    for b in range(low_plain.shape[0])
+    for p in low_plain[b][low_plain[b] >= 0]
+  )
+
+
 def test_with_lola_config_shares_parameters():
   m = LoLALM(tiny(attention="hybrid"), rngs=nnx.Rngs(0))
   other = m.with_lola_config(lola=LoLAConfig(chunk_size=4, cache_size=8))

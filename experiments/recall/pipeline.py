@@ -213,6 +213,16 @@ def methods(preset, hybrid_config):
       LoLAConfig(chunk_size=c, cache_size=lam, policy="recency"),
     )
   )
+  # Our extension: each layer first keeps what the layer below keeps (policy "sre_below").
+  for lam in preset.get("below_caches", []):
+    out.append(
+      (
+        f"lola C{c} cache {lam} sre_below",
+        "lola",
+        "lola",
+        LoLAConfig(chunk_size=c, cache_size=lam, policy="sre_below"),
+      )
+    )
   return out
 
 

@@ -33,6 +33,7 @@ PRESETS = {
     "caches": [16, 64],
     "wide_for": [64],
     "recency_cache": 64,
+    "below_caches": [64],
   },
   "demo": {
     "overrides": [],
@@ -48,6 +49,7 @@ PRESETS = {
     "caches": [16, 64, 256],
     "wide_for": [64, 256],
     "recency_cache": 64,
+    "below_caches": [16, 64],
   },
 }
 PRESETS["full"] = dict(

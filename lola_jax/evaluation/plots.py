@@ -27,6 +27,8 @@ def _style(label):
     return {"color": "tab:gray", "marker": "v", "linestyle": "--"}
   if "recency" in label:
     return {"marker": "x", "linestyle": "-."}
+  if "sre_below" in label:
+    return {"marker": "D", "linestyle": "-", "linewidth": 2.2}
   return {"marker": "o", "linestyle": "-"}
 
 
