@@ -29,8 +29,9 @@ class LoLAConfig:
       pairs holding `energy_tau` of the squared self-recall error, "energy_global" shares
       `cache_budget` slots across the kv heads of a layer, "attention" the pairs that received
       the most softmax mass so far (H2O-style), "random" a seeded random choice, "sre_below"
-      ranks first the pairs the layer below holds in its sparse cache (`prior_positions` of
-      `lola_prefill` / `lola_decode`), then by self-recall error; "sre" without a prior.
+      ranks first the pairs that more kv heads of the layer below hold in their sparse caches
+      (`prior_positions` of `lola_prefill` / `lola_decode`), then by self-recall error; "sre"
+      without a prior.
     softmax_scale: logit scale; None means 1/sqrt(key_dim).
     eps: added to the linear denominators phi^T s of the self-recall error.
     implementation: None (automatic), "xla", "pallas" or "reference" for the prefill path.

@@ -20,10 +20,11 @@ keep `min(L, |E|)` pairs; the adaptive ones keep fewer when the extra pairs woul
               (accumulated over queries and the group's query heads, H2O-style);
   "random"    L candidates chosen by a seeded hash of (position, kv head): deterministic and
               independent of how the sequence was split into calls;
-  "sre_below" the L best by the key (held by the layer below, e_i), lexicographically: first
-              the candidates whose position is in `prior` (the positions the sparse cache of
-              the layer below holds after its update at the same chunk end, any of its kv
-              heads), each group by decreasing self-recall error, ties to the older position.
+  "sre_below" the L best by the key (votes from the layer below, e_i), lexicographically: a
+              candidate's votes are how many times its position occurs in `prior` (the
+              positions the sparse cache of the layer below holds after its update at the same
+              chunk end, all of its kv heads: a pair both heads below keep has two votes); more
+              votes first, then decreasing self-recall error, ties to the older position.
               Without a prior (the first layer) it is "sre". A layer whose keys cannot tell a
               surprising pair from the filler (an induction head's keys carry little more than
               the previous token) inherits the decision of a layer whose keys can.
@@ -226,7 +227,7 @@ def select_random(config: LoLAConfig, cand: Candidates, linear_h, linear_s, scor
 def select_sre_below(
   config: LoLAConfig, cand: Candidates, linear_h, linear_s, scores=None, prior=None
 ) -> jax.Array:
-  """Keep the `cache_size` best by (held by the layer below, self-recall error, older first).
+  """Keep the `cache_size` best by (votes from the layer below, self-recall error, older first).
 
   Args:
     prior: int [B, P] positions the layer below holds (-1 = empty slot), or None. Candidates are
@@ -242,13 +243,14 @@ def select_sre_below(
   )
   err = jax.lax.stop_gradient(err)
   if prior is None:
-    below = jnp.zeros(cand.valid.shape, bool)
+    votes = jnp.zeros(cand.valid.shape, jnp.int32)
   else:
     prior = jnp.where(prior >= 0, prior, -2)  # an empty prior slot never matches an empty candidate
-    below = jnp.any(cand.positions[..., :, None] == prior[:, None, None, :], axis=-1)
-  # Sort keys, last one primary: valid first, then held below, then larger error; stable, so
-  # equal keys keep position order (older first).
-  order = jnp.lexsort((-err, (~below).astype(jnp.int32), (~cand.valid).astype(jnp.int32)), axis=-1)
+    hits = cand.positions[..., :, None] == prior[:, None, None, :]
+    votes = jnp.sum(hits, axis=-1, dtype=jnp.int32)
+  # Sort keys, last one primary: valid first, then more votes from below, then larger error;
+  # stable, so equal keys keep position order (older first).
+  order = jnp.lexsort((-err, -votes, (~cand.valid).astype(jnp.int32)), axis=-1)
   rank = jnp.arange(err.shape[-1])
   return _scatter(jnp.broadcast_to(rank < lam, order.shape), order) & cand.valid
 

@@ -57,7 +57,7 @@ def _energy_keep(config, candidates, energy, v_sq):
 
 def _select(config, candidates_by_head, errors_by_head, v_sq_by_head, mass, heads, below=()):
   """Kept positions per head. candidates: list of positions; errors/v_sq/mass: dicts by position;
-  below: the positions the layer below holds ("sre_below")."""
+  below: the positions the layer below holds, once per kv head holding them ("sre_below")."""
   lam, policy = config.cache_size, config.policy
   keep = {}
   if policy in ("sre", "recency", "random", "attention", "sre_below"):
@@ -69,7 +69,7 @@ def _select(config, candidates_by_head, errors_by_head, v_sq_by_head, mass, head
       if policy == "sre":
         ranked = sorted(cands, key=lambda j, h=h: (-errors_by_head[h][j], j))
       elif policy == "sre_below":
-        ranked = sorted(cands, key=lambda j, h=h: (j not in below, -errors_by_head[h][j], j))
+        ranked = sorted(cands, key=lambda j, h=h: (-below.count(j), -errors_by_head[h][j], j))
       elif policy == "recency":
         ranked = sorted(cands, key=lambda j: -j)
       elif policy == "attention":
@@ -173,7 +173,7 @@ def lola_reference(
         for h in heads
       }
       v_sq = {h: {j: float(v[b, j, h] @ v[b, j, h]) for j in candidates[h]} for h in heads}
-      below = () if prior_positions is None else {int(j) for j in prior_positions[b] if j >= 0}
+      below = [] if prior_positions is None else [int(j) for j in prior_positions[b] if j >= 0]
       keep = _select(config, candidates, errors, v_sq, mass, heads, below)
       for h in heads:
         kept = set(keep[h])

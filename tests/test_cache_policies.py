@@ -183,10 +183,13 @@ def test_jit_of_policies_under_grad():
 
 # "sre_below": a prior of positions (the layer below's cache) is ranked first.
 PRIOR = np.array([[3, 17, 30, -1, 9], [-1, -1, 22, 5, 26]], np.int32)
+# Positions held by two kv heads below (listed twice) outrank those held by one.
+PRIOR_VOTES = np.array([[9, 17, 30, 17, 3], [22, 5, 26, 26, -1]], np.int32)
 
 
 @pytest.mark.parametrize(
-  "cache_size, prior", [(6, PRIOR), (2, PRIOR), (6, PRIOR[:, :0]), (6, None)]
+  "cache_size, prior",
+  [(6, PRIOR), (2, PRIOR), (1, PRIOR_VOTES), (6, PRIOR[:, :0]), (6, None)],
 )
 def test_sre_below_matches_reference(cache_size, prior):
   inputs = make_inputs(seed=31, time=40, q_heads=4, kv_heads=2)
@@ -199,6 +202,10 @@ def test_sre_below_matches_reference(cache_size, prior):
   if prior is None or prior.shape[1] == 0:  # no prior: exactly "sre"
     _, sre = lola_reference(*inputs, config=LoLAConfig(4, cache_size), return_cache=True)
     np.testing.assert_array_equal(pos_ref, sre)
+  elif cache_size == 1:  # the twice-held position wins over the once-held ones
+    np.testing.assert_array_equal(
+      np.asarray(cached_positions(state))[:, :, 0], [[17, 17], [26, 26]]
+    )
   elif cache_size >= 6:  # every prior position that left the window is held (the spec's order)
     held = np.asarray(cached_positions(state))
     for b in range(2):
