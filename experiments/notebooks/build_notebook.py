@@ -371,8 +371,8 @@ if USE_XLA:
   OVERRIDES.append("lola.implementation=xla")
   _methods = pipeline.methods
   pipeline.methods = lambda preset, cfg: [
-    (label, method, attention, dataclasses.replace(lola, implementation="xla"))
-    for label, method, attention, lola in _methods(preset, cfg)
+    (label, method, attention, dataclasses.replace(lola, implementation="xla"), sizes)
+    for label, method, attention, lola, sizes in _methods(preset, cfg)
   ]
 """,
 )

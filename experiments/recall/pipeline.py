@@ -169,14 +169,14 @@ def load_nets(workdir, overrides, params_dir=None):
 
 
 def methods(preset, hybrid_config):
-  """(label, method, attention, LoLAConfig) of every evaluated row."""
+  """(label, method, attention, LoLAConfig, layer_cache_sizes or None) of every evaluated row."""
   from lola_jax.config import LoLAConfig
   from lola_jax.evaluation import equal_memory_chunk
 
   c = hybrid_config.lola.chunk_size
   out = [
-    ("teacher (full KV)", "teacher", "softmax", hybrid_config.lola),
-    (f"hybrid C{c}", "hybrid", "hybrid", LoLAConfig(chunk_size=c, cache_size=0)),
+    ("teacher (full KV)", "teacher", "softmax", hybrid_config.lola, None),
+    (f"hybrid C{c}", "hybrid", "hybrid", LoLAConfig(chunk_size=c, cache_size=0), None),
   ]
   for lam in preset["wide_for"]:
     wide = equal_memory_chunk(
@@ -193,6 +193,7 @@ def methods(preset, hybrid_config):
         "hybrid_wide",
         "hybrid",
         LoLAConfig(chunk_size=wide, cache_size=0),
+        None,
       )
     )
   for lam in preset["caches"]:
@@ -202,6 +203,7 @@ def methods(preset, hybrid_config):
         "lola",
         "lola",
         LoLAConfig(chunk_size=c, cache_size=lam, policy="sre"),
+        None,
       )
     )
   lam = preset["recency_cache"]
@@ -211,16 +213,21 @@ def methods(preset, hybrid_config):
       "lola",
       "lola",
       LoLAConfig(chunk_size=c, cache_size=lam, policy="recency"),
+      None,
     )
   )
-  # Our extension: each layer first keeps what the layer below keeps (policy "sre_below").
+  # Our extension: each layer first keeps what the layer below keeps (policy "sre_below"), with
+  # the same cache size in every layer or one per layer ("16:64": 16 slots in layer 0, 64 above).
   for lam in preset.get("below_caches", []):
+    sizes = tuple(lam) if isinstance(lam, (list, tuple)) else None
+    name = ":".join(map(str, sizes)) if sizes else str(lam)
     out.append(
       (
-        f"lola C{c} cache {lam} sre_below",
+        f"lola C{c} cache {name} sre_below",
         "lola",
         "lola",
-        LoLAConfig(chunk_size=c, cache_size=lam, policy="sre_below"),
+        LoLAConfig(chunk_size=c, cache_size=max(sizes) if sizes else lam, policy="sre_below"),
+        sizes,
       )
     )
   return out
@@ -246,9 +253,9 @@ def evaluate(preset, workdir, overrides, params_dir=None):
   teacher, hybrid_cfg, hybrid = load_nets(workdir, overrides, params_dir)
   tasks = ["passkey"] + (["niah"] if FLAGS.niah else [])
   rows, cells = [], []
-  for label, method, attention, lola in methods(preset, hybrid_cfg):
+  for label, method, attention, lola, layer_sizes in methods(preset, hybrid_cfg):
     base = teacher if method == "teacher" else hybrid
-    model = base.with_lola_config(attention=attention, lola=lola)
+    model = base.with_lola_config(attention=attention, lola=lola, layer_cache_sizes=layer_sizes)
     cfg = model.config
     recorded = {}  # (task, context) -> per prompt batch, per layer cached positions [B,Hkv,lam]
     current = {}
@@ -272,6 +279,8 @@ def evaluate(preset, workdir, overrides, params_dir=None):
       "cache_size": 0 if method == "teacher" else (lola.cache_size if attention == "lola" else 0),
       "policy": lola.policy if attention == "lola" else None,
     }
+    if layer_sizes:
+      common["layer_cache_sizes"] = list(layer_sizes)
 
     def kv(context, cfg=cfg):
       return full_kv_bytes(
@@ -475,6 +484,7 @@ def main(argv):
       "label",
       "num_pairs",
       "needle_in_cache",
+      "layer_cache_sizes",
     )
     rows = [{k: r[k] for k in keys if k in r} for r in rows]
     json.dump(rows, open(os.path.join(workdir, "results.json"), "w"), indent=1)

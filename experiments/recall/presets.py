@@ -33,7 +33,7 @@ PRESETS = {
     "caches": [16, 64],
     "wide_for": [64],
     "recency_cache": 64,
-    "below_caches": [64],
+    "below_caches": [64, [16, 64]],
   },
   "demo": {
     "overrides": [],
@@ -49,7 +49,7 @@ PRESETS = {
     "caches": [16, 64, 256],
     "wide_for": [64, 256],
     "recency_cache": 64,
-    "below_caches": [16, 64],
+    "below_caches": [16, 64, [16, 64]],
   },
 }
 PRESETS["full"] = dict(

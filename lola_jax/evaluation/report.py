@@ -30,7 +30,9 @@ def retrieval_table(rows, task: str) -> str:
     cells = [
       label,
       str(r0["window"] if r0["window"] is not None else "full"),
-      str(r0["cache_size"]),
+      ":".join(map(str, r0["layer_cache_sizes"]))
+      if r0.get("layer_cache_sizes")
+      else str(r0["cache_size"]),
       str(r0["policy"] or "-"),
     ]
     cells += [f"{100 * rs[c]['accuracy']:.0f}%" if c in rs else "" for c in contexts]
