@@ -1,4 +1,8 @@
-"""The per-layer budget / selection probe script: its replay of the cache rule equals the core."""
+"""The selection probe (its replay of the cache rule equals the core) and the layer_budgets script.
+
+The script's module is not imported here: its flags share names with the other ablation binaries,
+which the same test process may import; it runs in a subprocess.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments.ablations import layer_budgets as lb
 from lola_jax import LoLAConfig, cached_positions, lola_prefill
 from lola_jax.data import retrieval_example
+from lola_jax.evaluation import selection_probe as lb
 
 
 @pytest.mark.parametrize("t, chunk, cache", [(29, 4, 3), (40, 8, 5), (17, 4, 0)])
@@ -62,12 +66,11 @@ def test_secret_occurrences_and_copy_pairs():
   assert lb.copy_pairs_held(occ[1, 1:2], occ) == 0.25
 
 
-def test_parse_budget_names_the_flag():
-  assert lb.parse_budget("16:all", 2, 999) == (16, 999)
-  with pytest.raises(ValueError, match="--budgets"):
-    lb.parse_budget("16", 2, 999)
-  with pytest.raises(ValueError, match="--budgets"):
-    lb.parse_budget("16:x", 2, 999)
+def test_parse_layer_caches_names_the_flag():
+  assert lb.parse_layer_caches("16:all", 2, 999) == (16, 999)
+  for bad in ("16", "16:x", "16:-1"):
+    with pytest.raises(ValueError, match="--budgets: '" + bad):
+      lb.parse_layer_caches(bad, 2, 999)
 
 
 @pytest.mark.slow

@@ -49,6 +49,14 @@ from lola_jax.evaluation import (
   needle_cache_coverage,
   needle_positions,
 )
+from lola_jax.evaluation.selection_probe import (
+  copy_pairs_held,
+  kernel_recall,
+  linear_recall,
+  parse_layer_caches,
+  replay_selection,
+  secret_occurrences,
+)
 from lola_jax.state import LoLAState, cached_positions
 
 _PARAMS_DIR = flags.DEFINE_string(
@@ -68,83 +76,6 @@ _PROBE_CACHE = flags.DEFINE_integer("probe_cache", 64, "Cache size of the probe.
 _PROBE_PROMPTS = flags.DEFINE_integer("probe_prompts", 6, "Prompts (depths 0.1/0.5/0.9 x n/3).")
 _BETAS = flags.DEFINE_list("betas", ["5", "20", "80"], "Kernel sharpness values of the probe.")
 _OUT = flags.DEFINE_string("out", "docs/results/layer_budgets.json", "JSON output ('' = none).")
-
-
-def parse_budget(text: str, num_layers: int, all_size: int) -> tuple[int, ...]:
-  """'16:all' -> (16, all_size): one cache size per layer."""
-  parts = text.split(":")
-  if len(parts) != num_layers:
-    raise ValueError(f"--budgets: {text!r} names {len(parts)} layers, the model has {num_layers}")
-  try:
-    return tuple(all_size if p == "all" else int(p) for p in parts)
-  except ValueError:
-    raise ValueError(f"--budgets: {text!r} must be ints or 'all' separated by ':'") from None
-
-
-def secret_occurrences(example) -> np.ndarray:
-  """int [n_copies, K]: token positions of every copy of the secret inside the needle."""
-  needle = example.prompt[example.needle_start : example.needle_end]
-  starts, at = [], needle.find(example.key)
-  while at >= 0:
-    starts.append(example.needle_start + at)
-    at = needle.find(example.key, at + 1)
-  return np.array([np.arange(s, s + len(example.key)) for s in starts])
-
-
-def copy_pairs_held(cached: np.ndarray, occurrences: np.ndarray) -> float:
-  """Share of digits 2..K whose position is cached in at least one copy of the secret."""
-  held = np.isin(occurrences[:, 1:], cached).any(0)
-  return float(held.mean())
-
-
-def replay_selection(keys, values, recall, *, prompt_len, chunk, cache) -> np.ndarray:
-  """The spec's cache update rule with a pluggable memory, for one kv head (float64).
-
-  Args:
-    keys: [T, ...] whatever `recall` reads as keys.  values: [T, dv].
-    recall: (query_keys [N, ...], absorbed_idx int [M]) -> recalled values [N, dv]; M may be 0.
-    prompt_len, chunk, cache: T, C and lam of LOLA_SPEC.md (only complete chunks update).
-
-  Returns:
-    int [<= cache]: the cached positions after the last complete chunk's update.
-  """
-  absorbed, kept = np.zeros(0, int), []
-  for n in range(1, prompt_len // chunk):
-    cand = np.array(kept + list(range((n - 1) * chunk, n * chunk)))
-    if len(cand) <= cache:
-      kept = cand.tolist()
-      continue
-    err = np.linalg.norm(values[cand] - recall(keys[cand], absorbed), axis=-1)
-    order = np.argsort(-err, kind="stable")  # ties: the older position stays
-    keep = np.sort(cand[order[:cache]])
-    absorbed = np.concatenate([absorbed, np.setdiff1d(cand, keep)])
-    kept = keep.tolist()
-  return np.array(kept, int)
-
-
-def linear_recall(phi, values, eps=1e-6):
-  """The linear state's recall phi^T H / (phi^T s + eps) over the absorbed pairs."""
-
-  def recall(phi_q, idx):
-    h = phi[idx].T @ values[idx]
-    s = phi[idx].sum(0)
-    return (phi_q @ h) / (phi_q @ s + eps)[:, None]
-
-  return recall
-
-
-def kernel_recall(keys, values, beta):
-  """Exact kernel regression sum_i softmax_i(beta <k, k_i>) v_i on unit keys."""
-  unit = keys / np.linalg.norm(keys, axis=-1, keepdims=True)
-
-  def recall(query_unit, idx):
-    if len(idx) == 0:
-      return np.zeros((len(query_unit), values.shape[-1]))
-    logits = beta * query_unit @ unit[idx].T
-    w = np.exp(logits - logits.max(-1, keepdims=True))
-    return (w / w.sum(-1, keepdims=True)) @ values[idx]
-
-  return unit, recall
 
 
 def layer_inputs(teacher, hybrid, tokens):
@@ -287,7 +218,7 @@ def main(argv):
   depths = [float(d) for d in _DEPTHS.value]
   teacher, cfg, hybrid = pipeline.load_nets("", [], _PARAMS_DIR.value)
   all_size = max(contexts + [_PROBE_CONTEXT.value]) + 64
-  budgets = [(b, parse_budget(b, cfg.num_layers, all_size)) for b in _BUDGETS.value]
+  budgets = [(b, parse_layer_caches(b, cfg.num_layers, all_size)) for b in _BUDGETS.value]
   print("== per-layer cache budgets (pass-key, greedy decoding) ==", flush=True)
   rows = budget_rows(hybrid, budgets, contexts, depths, _SAMPLES.value, _POLICY.value)
   print(budget_table(rows, contexts), flush=True)
