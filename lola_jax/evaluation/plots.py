@@ -151,9 +151,25 @@ def mqar_vs_pairs(rows, path):
   return path
 
 
+# Line colours: tab10 without its gray (the hybrid's colour), then darker shades, so that up to 14
+# methods get distinct colours.
+_COLORS = [c for c in plt.cm.tab10.colors if len(set(c)) > 1] + [
+  "navy",
+  "darkgreen",
+  "maroon",
+  "darkgoldenrod",
+  "teal",
+]
+
+
 def all_plots(rows, cells, out_dir, pareto_context):
   """Writes every plot into `out_dir`; returns their paths."""
   os.makedirs(out_dir, exist_ok=True)
+  with plt.rc_context({"axes.prop_cycle": matplotlib.cycler(color=_COLORS)}):
+    return _all_plots(rows, cells, out_dir, pareto_context)
+
+
+def _all_plots(rows, cells, out_dir, pareto_context):
   paths = [
     accuracy_vs_context(rows, os.path.join(out_dir, "accuracy_vs_context.png")),
     accuracy_vs_bytes(rows, os.path.join(out_dir, "accuracy_vs_bytes.png"), pareto_context),
