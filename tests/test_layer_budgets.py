@@ -7,12 +7,11 @@ which the same test process may import; it runs in a subprocess.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from cli_utils import run_module
 
 from lola_jax import LoLAConfig, cached_positions, lola_prefill
 from lola_jax.data import retrieval_example
@@ -76,25 +75,17 @@ def test_parse_layer_caches_names_the_flag():
 @pytest.mark.slow
 def test_layer_budgets_script_runs(tmp_path):
   out = tmp_path / "layer_budgets.json"
-  proc = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "experiments.ablations.layer_budgets",
-      "--contexts=512",
-      "--depths=0.5",
-      "--samples=1",
-      "--budgets=0:0,all:all",
-      "--probe_context=512",
-      "--probe_prompts=1",
-      "--betas=20",
-      f"--out={out}",
-    ],
-    capture_output=True,
-    text=True,
-    timeout=600,
+  proc = run_module(
+    "experiments.ablations.layer_budgets",
+    "--contexts=512",
+    "--depths=0.5",
+    "--samples=1",
+    "--budgets=0:0,all:all",
+    "--probe_context=512",
+    "--probe_prompts=1",
+    "--betas=20",
+    f"--out={out}",
   )
-  assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(out.read_text())
   by_budget = {r["budget"]: r for r in result["budgets"]}
   assert by_budget["0:0"]["secret_in_cache_per_layer"] == [0.0, 0.0]

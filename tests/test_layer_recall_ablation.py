@@ -3,30 +3,21 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
+from cli_utils import run_module
 
 
 @pytest.mark.slow
 def test_layer_recall_ablation_runs(tmp_path):
   out = tmp_path / "layer_recall.json"
-  proc = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "experiments.ablations.layer_recall",
-      "--contexts=256",
-      "--trials=1",
-      "--needles=2",
-      f"--out={out}",
-    ],
-    capture_output=True,
-    text=True,
-    timeout=600,
+  proc = run_module(
+    "experiments.ablations.layer_recall",
+    "--contexts=256",
+    "--trials=1",
+    "--needles=2",
+    f"--out={out}",
   )
-  assert proc.returncode == 0, proc.stderr[-3000:]
   rows = json.loads(out.read_text())
   by_policy = {r["policy"]: r for r in rows}
   assert by_policy["hybrid (cache 0)"]["needles_cached"] == 0.0

@@ -1,13 +1,10 @@
 """End-to-end smoke test of the recall pipeline at toy size (`make test-slow`, a few minutes)."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
+from cli_utils import run_module
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = {
   "method",
   "window",
@@ -24,14 +21,9 @@ KEYS = {
 @pytest.mark.slow
 def test_tiny_pipeline_end_to_end(tmp_path):
   workdir = tmp_path / "tiny"
-  proc = subprocess.run(
-    [sys.executable, "-m", "experiments.recall.pipeline", "--preset=tiny", f"--workdir={workdir}"],
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-    timeout=1200,
+  proc = run_module(
+    "experiments.recall.pipeline", "--preset=tiny", f"--workdir={workdir}", timeout=1200
   )
-  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   assert "Pass-key exact-match accuracy" in proc.stdout
   rows = json.load(open(workdir / "results.json"))
   assert rows and all(KEYS <= set(r) for r in rows)
