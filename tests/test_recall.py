@@ -13,6 +13,7 @@ from lola_jax.evaluation import (
   exact_match,
   needle_cache_coverage,
   needle_positions,
+  retrieval_cache_coverage,
 )
 
 TOK = ByteTokenizer()
@@ -106,3 +107,22 @@ def test_needle_positions_and_cache_coverage():
   np.testing.assert_allclose(cov[0, 0], [1.0, 0.0])
   np.testing.assert_allclose(cov[1, 0], [0.4, 0.4])
   assert (cov[:, 1] == 0).all()
+
+
+def test_retrieval_cache_coverage_follows_evaluate_retrieval_order():
+  """Two prompt batches of one context (depth-major, as evaluate_retrieval builds them): a cache
+  holding each prompt's own secret digits covers it fully, one holding the secret of a prompt at
+  the other depth does not."""
+  depths, samples = (0.2, 0.8), 2
+  secrets = [
+    needle_positions(retrieval_example("passkey", 700, d, 0, i)) for d in depths for i in range(2)
+  ]
+  cached = np.full((4, 1, 6), -1)
+  for b, pos in enumerate(secrets):
+    cached[b, 0, :5] = pos
+  batches = [[cached[:3]], [cached[3:]]]  # one layer; batches of 3 and 1 prompts
+  cov = retrieval_cache_coverage(batches, "passkey", 700, depths, samples)
+  assert cov.shape == (4, 1, 1)
+  np.testing.assert_allclose(cov[:, 0, 0], 1.0)
+  swapped = [[cached[[2, 3, 0]]], [cached[1:2]]]  # depths exchanged: the secrets lie elsewhere
+  assert (retrieval_cache_coverage(swapped, "passkey", 700, depths, samples) < 1).all()

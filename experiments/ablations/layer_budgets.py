@@ -46,8 +46,7 @@ from lola_jax.evaluation import (
   evaluate_retrieval,
   model_generate,
   model_state_bytes,
-  needle_cache_coverage,
-  needle_positions,
+  retrieval_cache_coverage,
 )
 from lola_jax.evaluation.selection_probe import (
   copy_pairs_held,
@@ -153,12 +152,8 @@ def budget_rows(hybrid, budgets, contexts, depths, samples, policy, log=print):
         batch_size=max(1, 16384 // context),
         label=f"budget {text}",
       )
-      examples = [
-        retrieval_example("passkey", context, d, 0, i) for d in depths for i in range(samples)
-      ]
-      positions = np.stack([needle_positions(e) for e in examples])
-      cached = [np.concatenate(layer) for layer in zip(*recorded, strict=True)]
-      coverage = needle_cache_coverage(cached, positions).mean(axis=(0, 2))  # per layer
+      coverage = retrieval_cache_coverage(recorded, "passkey", context, depths, samples)
+      coverage = coverage.mean(axis=(0, 2))  # per layer
       rows.append(
         {
           "budget": text,

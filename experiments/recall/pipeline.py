@@ -237,7 +237,6 @@ def evaluate(preset, workdir, overrides, params_dir=None):
   """Stage 3: every method on pass-key, niah and MQAR; returns (rows, cells)."""
   import numpy as np
 
-  from lola_jax.data import retrieval_example
   from lola_jax.evaluation import (
     evaluate_mqar,
     evaluate_retrieval,
@@ -245,8 +244,7 @@ def evaluate(preset, workdir, overrides, params_dir=None):
     model_generate,
     model_predict,
     model_state_bytes,
-    needle_cache_coverage,
-    needle_positions,
+    retrieval_cache_coverage,
   )
   from lola_jax.state import LoLAState, cached_positions
 
@@ -311,14 +309,10 @@ def evaluate(preset, workdir, overrides, params_dir=None):
         acc = sum(x.correct for x in sel) / sum(x.num for x in sel)
         extra = {}
         if attention == "lola":  # is the secret in the sparse cache after the prompt?
-          examples = [
-            retrieval_example(task, context, d, 0, i)
-            for d in preset["depths"]
-            for i in range(preset["samples"])
-          ]
-          positions = np.stack([needle_positions(e) for e in examples])
-          cached = [np.concatenate(layer) for layer in zip(*recorded[(task, context)], strict=True)]
-          extra["needle_in_cache"] = float(needle_cache_coverage(cached, positions).mean())
+          coverage = retrieval_cache_coverage(
+            recorded[(task, context)], task, context, preset["depths"], preset["samples"]
+          )
+          extra["needle_in_cache"] = float(coverage.mean())
         rows.append(
           dict(
             common,

@@ -18,6 +18,8 @@ from lola_jax.evaluation.recall import (
   model_predict,
   needle_cache_coverage,
   needle_positions,
+  retrieval_cache_coverage,
+  retrieval_examples,
 )
 
 __all__ = [
@@ -36,4 +38,6 @@ __all__ = [
   "model_state_bytes",
   "needle_cache_coverage",
   "needle_positions",
+  "retrieval_cache_coverage",
+  "retrieval_examples",
 ]

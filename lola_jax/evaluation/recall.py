@@ -68,6 +68,15 @@ class Progress:
       )
 
 
+def retrieval_examples(task, context, depths, samples, seed=0, **task_options) -> list:
+  """The prompts `evaluate_retrieval` scores at one context, in its order (depth-major)."""
+  return [
+    retrieval_example(task, context, d, seed, i, **task_options)
+    for d in depths
+    for i in range(samples)
+  ]
+
+
 def evaluate_retrieval(
   generate: Generate,
   task: str,
@@ -88,11 +97,7 @@ def evaluate_retrieval(
   cells = []
   progress = Progress(f"{label or 'eval'} {task}", len(contexts) * len(depths) * samples)
   for context in contexts:
-    examples = [
-      retrieval_example(task, context, d, seed, i, **task_options)
-      for d in depths
-      for i in range(samples)
-    ]
+    examples = retrieval_examples(task, context, depths, samples, seed, **task_options)
     num_new = max(len(e.answer_ids) for e in examples)
     hits = []
     for s in range(0, len(examples), batch_size):
@@ -210,6 +215,22 @@ def needle_cache_coverage(cached: Sequence[np.ndarray], positions: np.ndarray) -
     hit = (pos[:, :, :, None] == positions[:, None, None, :]).any(2)  # [B, Hkv, K]
     out.append(hit.mean(-1))
   return np.stack(out, 1)
+
+
+def retrieval_cache_coverage(
+  recorded, task, context, depths, samples, seed=0, **task_options
+) -> np.ndarray:
+  """`needle_cache_coverage` [B, L, Hkv] of the prompts `evaluate_retrieval` scored at one context.
+
+  Args:
+    recorded: per prompt batch, in order, the per-layer cached positions [b, Hkv, lam] after the
+      prompt (what `model_generate(on_prefill=...)` sees, through `cached_positions`).
+    task, context, depths, samples, seed, task_options: as given to `evaluate_retrieval`.
+  """
+  examples = retrieval_examples(task, context, depths, samples, seed, **task_options)
+  positions = np.stack([needle_positions(e) for e in examples])
+  cached = [np.concatenate(layer) for layer in zip(*recorded, strict=True)]
+  return needle_cache_coverage(cached, positions)
 
 
 def model_cache_coverage(model, examples, batch_size: int = 8) -> float:
