@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lola_jax import layers
-from lola_jax.config import LoLAConfig
+from lola_jax.core.config import LoLAConfig
 from lola_jax.feature_maps import FEATURE_MAPS, FeatureMap, Gate, feature_width
 
 ATTENTIONS = ("softmax", "linear", "hybrid", "lola")
@@ -185,8 +185,8 @@ class ModelConfig:
 
 def _core():
   """The LoLA core entry points (imported lazily: the model also works without them)."""
-  from lola_jax.lola_attention import lola_decode, lola_prefill
-  from lola_jax.state import init_state
+  from lola_jax.core.scan import lola_decode, lola_prefill
+  from lola_jax.core.state import init_state
 
   return lola_prefill, lola_decode, init_state
 

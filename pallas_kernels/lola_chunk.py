@@ -40,8 +40,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from lola_jax.mixing import mix_branches, softmax_branch
-from lola_jax.sparse_cache import self_recall_error
+from lola_jax.core.mixing import mix_branches, softmax_branch
+from lola_jax.core.selection import self_recall_error
 from pallas_kernels import common
 from pallas_kernels.hybrid_xla import NEG, TINY
 from pallas_kernels.linear_attention import _dot

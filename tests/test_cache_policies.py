@@ -10,8 +10,7 @@ import pytest
 from core_utils import make_inputs, rel_rms, time_slice, time_step
 
 from lola_jax import LoLAConfig, cached_positions, lola_decode, lola_prefill, lola_reference
-from lola_jax.policies import Candidates
-from lola_jax.sparse_cache import update_sparse_cache
+from lola_jax.core.selection import Candidates, update_sparse_cache
 
 POLICY_CONFIGS = {
   "energy": dict(policy="energy", energy_tau=0.8, energy_floor=1e-3),

@@ -41,9 +41,9 @@ def _rel_rms(a, b):
 @pytest.mark.slow
 def test_cache_policy_ablation_tiny(tmp_path):
   from experiments.ablations import cache_policies as cp
-  from lola_jax.config import LoLAConfig
+  from lola_jax.core.config import LoLAConfig
   from lola_jax.data import retrieval_example
-  from lola_jax.state import cached_positions
+  from lola_jax.core.state import cached_positions
 
   config, hybrid = cp.load_hybrid(PARAMS)
   setting = cp.Setting(**cp.QUICK)

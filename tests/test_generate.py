@@ -15,7 +15,7 @@ import pytest
 
 from lola_jax import generate as gen
 from lola_jax import model
-from lola_jax.config import LoLAConfig
+from lola_jax.core.config import LoLAConfig
 
 TINY = model.ModelConfig(
   vocab_size=64,
@@ -147,7 +147,7 @@ _SHARDED = textwrap.dedent(
   """
   import json, jax, numpy as np
   from lola_jax import generate as gen, model, sharding
-  from lola_jax.config import LoLAConfig
+  from lola_jax.core.config import LoLAConfig
   cfg = model.ModelConfig(vocab_size=64, num_layers=1, d_model=32, num_heads=4, num_kv_heads=2,
                           head_dim=8, mlp_dim=64, attention=ATTN, feature_dim=4,
                           lola=LoLAConfig(chunk_size=4, cache_size=4))

@@ -38,10 +38,10 @@ from flax import nnx
 # (allow_override) replace them in this binary.
 from experiments.recall import pipeline
 from experiments.recall.presets import PRESETS
-from lola_jax.config import LoLAConfig
+from lola_jax.core.config import LoLAConfig
 from lola_jax.data import retrieval_example
 from lola_jax.evaluation import evaluate_mqar, exact_match
-from lola_jax.state import cached_positions
+from lola_jax.core.state import cached_positions
 
 FAMILIES = ("energy", "energy_global", "sre", "attention", "recency", "random")
 TASKS = ("passkey", "niah", "mqar")

@@ -40,7 +40,7 @@ from absl import app, flags
 
 # Imported before the flags below: the pipeline defines --params_dir too (ours replaces it).
 from experiments.recall import pipeline
-from lola_jax.config import LoLAConfig
+from lola_jax.core.config import LoLAConfig
 from lola_jax.data import retrieval_example
 from lola_jax.evaluation import (
   evaluate_retrieval,
@@ -56,7 +56,7 @@ from lola_jax.evaluation.selection_probe import (
   replay_selection,
   secret_occurrences,
 )
-from lola_jax.state import LoLAState, cached_positions
+from lola_jax.core.state import LoLAState, cached_positions
 
 _PARAMS_DIR = flags.DEFINE_string(
   "params_dir", "experiments/recall/params", "teacher.npz / hybrid.npz", allow_override=True

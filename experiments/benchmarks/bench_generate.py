@@ -48,7 +48,7 @@ def _flatness(n: int) -> dict:
 
   from lola_jax import generate as gen
   from lola_jax import model
-  from lola_jax.config import LoLAConfig
+  from lola_jax.core.config import LoLAConfig
 
   cfg = model.ModelConfig(
     vocab_size=256,
@@ -89,7 +89,7 @@ def _decode(kind: str, context: int, layers: int, steps: int, chunk: int, cache:
 
   from lola_jax import generate as gen
   from lola_jax import model
-  from lola_jax.config import LoLAConfig
+  from lola_jax.core.config import LoLAConfig
 
   cfg = model.ModelConfig(
     vocab_size=32000,

@@ -170,7 +170,7 @@ def load_nets(workdir, overrides, params_dir=None):
 
 def methods(preset, hybrid_config):
   """(label, method, attention, LoLAConfig, layer_cache_sizes or None) of every evaluated row."""
-  from lola_jax.config import LoLAConfig
+  from lola_jax.core.config import LoLAConfig
   from lola_jax.evaluation import equal_memory_chunk
 
   c = hybrid_config.lola.chunk_size
@@ -246,7 +246,7 @@ def evaluate(preset, workdir, overrides, params_dir=None):
     model_state_bytes,
     retrieval_cache_coverage,
   )
-  from lola_jax.state import LoLAState, cached_positions
+  from lola_jax.core.state import LoLAState, cached_positions
 
   teacher, hybrid_cfg, hybrid = load_nets(workdir, overrides, params_dir)
   tasks = ["passkey"] + (["niah"] if FLAGS.niah else [])

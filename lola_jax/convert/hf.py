@@ -53,7 +53,7 @@ import numpy as np
 from flax import nnx
 
 from lola_jax import layers
-from lola_jax.config import LoLAConfig
+from lola_jax.core.config import LoLAConfig
 from lola_jax.feature_maps import FeatureMap
 from lola_jax.model import ModelConfig, init_params
 

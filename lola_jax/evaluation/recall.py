@@ -238,7 +238,7 @@ def model_cache_coverage(model, examples, batch_size: int = 8) -> float:
   import jax.numpy as jnp
   from flax import nnx
 
-  from lola_jax.state import cached_positions
+  from lola_jax.core.state import cached_positions
 
   @nnx.jit
   def prefill(m, tokens):

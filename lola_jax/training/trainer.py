@@ -37,7 +37,7 @@ from absl import logging
 
 from lola_jax import model as model_lib
 from lola_jax import sharding as sharding_lib
-from lola_jax.config import LoLAConfig
+from lola_jax.core.config import LoLAConfig
 from lola_jax.training import checkpoint as ckpt_lib
 from lola_jax.training import metrics as metrics_lib
 from lola_jax.training import optim as optim_lib

@@ -1,9 +1,20 @@
-"""Selection policies: which candidates stay in the sparse cache at the end of a chunk.
+"""Selection: which candidates stay in the sparse cache at the end of a chunk, and the update.
 
-A policy maps the candidates `E = G + (chunk n-1)` ([..., Hkv, N] with N = L + C, in position
-order, empty slots at position -1) and the linear state *before* the update to a keep mask
-[..., Hkv, N]. Every valid candidate that is not kept is absorbed. The fixed-budget policies
-keep `min(L, |E|)` pairs; the adaptive ones keep fewer when the extra pairs would add little.
+At the end of every complete chunk n the candidates are `E = G + (chunk n-1)`. A selection
+policy marks at most `L` of them to keep; every other valid candidate is absorbed into the linear
+state (`update_sparse_cache`):
+
+  H <- H + sum_{i absorbed} phi_k(k_i) v_i^T,      s <- s + sum_{i absorbed} phi_k(k_i).
+
+If `|E| <= L` every candidate is kept and nothing is absorbed, which the same top-L selection
+gives for free. A caller that has already computed the scores (the fused Pallas chunk step
+computes the self-recall errors while H is in fast memory) passes them as `scores=`; policies
+that rank by something else ignore them.
+
+A policy maps the candidates ([..., Hkv, N] with N = L + C, in position order, empty slots at
+position -1) and the linear state *before* the update to a keep mask [..., Hkv, N]. The
+fixed-budget policies keep `min(L, |E|)` pairs; the adaptive ones keep fewer when the extra
+pairs would add little.
 
   "sre"       the L largest self-recall errors, ties to the older position:
               e_i = || v_i - phi(k_i)^T H / (phi(k_i)^T s + eps) ||;
@@ -30,8 +41,7 @@ keep `min(L, |E|)` pairs; the adaptive ones keep fewer when the extra pairs woul
               the previous token) inherits the decision of a layer whose keys can.
 
 The head axis is the second-to-last axis of `positions` (only "energy_global", "random" and
-"sre_below" look at it). The fused Pallas chunk step may pass its self-recall errors as
-`scores=`; policies that rank by something else ignore them.
+"sre_below" look at it).
 """
 
 from __future__ import annotations
@@ -42,7 +52,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from lola_jax.config import LoLAConfig
+from lola_jax.core.config import LoLAConfig
 
 
 @jax.tree_util.register_dataclass
@@ -270,3 +280,63 @@ POLICIES: dict[str, SelectionPolicy] = {
 
 # Policies that rank by the self-recall error (the fused kernel's scores are useful to them).
 SRE_POLICIES = ("sre", "energy", "energy_global", "sre_below")
+
+
+def absorb(linear_h, linear_s, cand: Candidates, mask: jax.Array):
+  """Adds the masked candidates to the linear state (float32 accumulation).
+
+  Returns:
+    (H + sum_{mask} phi_k v^T, s + sum_{mask} phi_k), float32.
+  """
+  acc = linear_h.dtype
+  w = mask.astype(acc)[..., None]
+  phi = cand.phi_k.astype(acc) * w
+  linear_h = linear_h + jnp.einsum("...nd,...ne->...de", phi, cand.v.astype(acc))
+  linear_s = linear_s + jnp.sum(phi, axis=-2)
+  return linear_h, linear_s
+
+
+def update_sparse_cache(
+  config: LoLAConfig, cand: Candidates, linear_h, linear_s, scores=None, prior=None
+):
+  """One end-of-chunk update: select, absorb the rest, compact the kept pairs.
+
+  Args:
+    config: the layer's LoLAConfig (cache_size L, policy, eps).
+    cand: N = L + C candidates (old cache, then the chunk leaving the window).
+    linear_h: [..., D, dv] float32.  linear_s: [..., D] float32.
+    scores: optional [..., N] float32 self-recall errors of `cand` against (linear_h, linear_s),
+      already computed by the caller; handed to the policy (the "sre" policy then skips its own
+      scoring, "recency" ignores them).
+    prior: int [B, P] positions the layer below holds (policy "sre_below" only), or None.
+
+  Returns:
+    (cache, linear_h, linear_s): `cache` a Candidates of L slots sorted by position with empty
+    slots (zeros, position -1) last; the updated linear state.
+  """
+  policy = POLICIES[config.policy]
+  extra = {} if scores is None else {"scores": scores}
+  if config.policy == "sre_below":
+    extra["prior"] = prior
+  keep = policy(config, cand, linear_h, linear_s, **extra)
+  linear_h, linear_s = absorb(linear_h, linear_s, cand, cand.valid & ~keep)
+  lam = config.cache_size
+  # Kept pairs first, in position order; everything else after.
+  order_key = jnp.where(keep, cand.positions, jnp.iinfo(jnp.int32).max)
+  order = jnp.argsort(order_key, axis=-1)[..., :lam]
+  kept = jnp.take_along_axis(keep, order, axis=-1)
+
+  def gather(x):
+    x = jnp.take_along_axis(x, order[..., None], axis=-2)
+    return jnp.where(kept[..., None], x, jnp.zeros((), x.dtype))
+
+  cache = Candidates(
+    k=gather(cand.k),
+    v=gather(cand.v),
+    phi_k=gather(cand.phi_k),
+    positions=jnp.where(kept, jnp.take_along_axis(cand.positions, order, axis=-1), -1),
+    mass=None
+    if cand.mass is None
+    else jnp.where(kept, jnp.take_along_axis(cand.mass, order, axis=-1), 0.0),
+  )
+  return cache, linear_h, linear_s

@@ -3,15 +3,15 @@
 It follows the semantics token by token with explicit Python lists of positions, independent of
 the chunked JAX code: every query sees the sparse cache, the previous complete chunk and its own
 chunk up to itself with exact softmax, plus the linear state as it stood at its chunk's start.
-Every selection policy of `lola_jax.policies` is written out again here, as plain loops.
+Every selection policy of `lola_jax.core.selection` is written out again here, as plain loops.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from lola_jax import validation
-from lola_jax.config import LoLAConfig
+from lola_jax.core import validation
+from lola_jax.core.config import LoLAConfig
 
 
 def _self_recall_error(phi_k, v, linear_h, linear_s, eps):
@@ -20,7 +20,7 @@ def _self_recall_error(phi_k, v, linear_h, linear_s, eps):
 
 
 def _random_score(position: int, head: int, seed: int) -> int:
-  """The seeded lowbias32 hash of `lola_jax.policies.random_scores`, in Python integers."""
+  """The seeded lowbias32 hash of `lola_jax.core.selection.random_scores`, in Python integers."""
   m = 0xFFFFFFFF
   x = (position * 0x9E3779B1) & m
   x ^= (head * 0x85EBCA77 + (seed & m) * 0xC2B2AE3D) & m

@@ -5,8 +5,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from lola_jax.config import LoLAConfig
-from lola_jax.state import LoLAState
+from lola_jax.core.config import LoLAConfig
+from lola_jax.core.state import LoLAState
 
 
 def _shape_str(shape) -> str:

@@ -13,7 +13,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from lola_jax.config import LoLAConfig
+from lola_jax.core.config import LoLAConfig
 
 
 @jax.tree_util.register_dataclass

@@ -6,8 +6,8 @@ A query at position t in chunk n = t // C attends with exact softmax to
 
 (the sparse cache, the previous complete chunk and the causal part of its own chunk), and reads
 the linear state (H, s) as it stood at the start of chunk n. The two branches are combined with
-one shared denominator (`lola_jax.mixing`). When chunk n completes, the pairs of chunk n-1 and
-the old cache compete for the cache (`lola_jax.sparse_cache`), the losers are absorbed into
+one shared denominator (`lola_jax.core.mixing`). When chunk n completes, the pairs of chunk n-1 and
+the old cache compete for the cache (`lola_jax.core.selection`), the losers are absorbed into
 (H, s), and chunk n becomes the window.
 
 Prefill walks the sequence chunk by chunk with `lax.scan`; every step is a few dense matmuls:
@@ -16,7 +16,7 @@ the self-recall errors of the L + C candidates and one absorption matmul. Decode
 token to the current chunk and runs the same cache update when the chunk completes, so scoring
 is paid once per chunk, not per token.
 
-Shapes: see the legend in `lola_jax.state`; G = Hq // Hkv query heads share each kv head.
+Shapes: see the legend in `lola_jax.core.state`; G = Hq // Hkv query heads share each kv head.
 """
 
 from __future__ import annotations
@@ -27,12 +27,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from lola_jax import validation
-from lola_jax.config import LoLAConfig
-from lola_jax.mixing import mix_branches, softmax_branch
-from lola_jax.policies import SRE_POLICIES
-from lola_jax.sparse_cache import Candidates, update_sparse_cache
-from lola_jax.state import LoLAState, init_state
+from lola_jax.core import validation
+from lola_jax.core.config import LoLAConfig
+from lola_jax.core.mixing import mix_branches, softmax_branch
+from lola_jax.core.selection import SRE_POLICIES, Candidates, update_sparse_cache
+from lola_jax.core.state import LoLAState, init_state
 
 
 def _attend(config, q, phi_q, keys, values, key_mask, linear_h, linear_s, gate, mass_queries=None):

@@ -24,7 +24,7 @@ class LoLAConfig:
     mix: how the softmax branch (window + cache) and the linear branch are combined:
       "gated": y = (g*sum e^l v + (1-g)*phi_q^T H) / (g*sum e^l + (1-g)*phi_q^T s);
       "lolcats": y = (g*sum e^(l-c) v + phi_q^T H) / (g*sum e^(l-c) + phi_q^T s), c = max l.
-    policy: which candidates stay in the sparse cache (`lola_jax.policies`). "sre" keeps the
+    policy: which candidates stay in the sparse cache (`lola_jax.core.selection`). "sre" keeps the
       pairs with the largest self-recall error, "recency" the newest ones, "energy" the fewest
       pairs holding `energy_tau` of the squared self-recall error, "energy_global" shares
       `cache_budget` slots across the kv heads of a layer, "attention" the pairs that received
