@@ -38,10 +38,16 @@ def make_schedule(optim, total_steps: int, stages: tuple[tuple[int, float, int],
   return optax.join_schedules(schedules, boundaries)
 
 
-def make_optimizer(optim, schedule) -> optax.GradientTransformation:
-  """clip_by_global_norm -> AdamW (weight decay only on matrices: ndim >= 2)."""
+def make_optimizer(optim, schedule, trainable=None) -> optax.GradientTransformation:
+  """clip_by_global_norm -> AdamW (weight decay only on matrices: ndim >= 2).
+
+  `trainable`: None, or a tree of bools like the parameters marking the leaves that any stage of
+  the run trains; the optimizer then keeps state (Adam moments) for those leaves only
+  (`optax.masked`) and the clipping norm is over them: attention transfer on a pretrained model
+  trains a few MB of feature maps and must not carry moments for every frozen weight.
+  """
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
-  return optax.chain(
+  tx = optax.chain(
     optax.clip_by_global_norm(optim.clip_norm) if optim.clip_norm > 0 else optax.identity(),
     optax.adamw(
       schedule,
@@ -52,3 +58,6 @@ def make_optimizer(optim, schedule) -> optax.GradientTransformation:
       mask=decay_mask,
     ),
   )
+  if trainable is None or all(jax.tree.leaves(trainable)):
+    return tx
+  return optax.masked(tx, trainable)

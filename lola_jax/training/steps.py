@@ -45,12 +45,43 @@ def _split(batch, accum: int):
   return jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
 
 
-def _mask_tree(mask, tree):
-  return jax.tree.map(lambda m, x: x if m else jnp.zeros_like(x), mask, tree)
+def _trainable_closure(fn, params, mask):
+  """(fn over the trainable leaves only, those leaves, a function rebuilding full gradients).
+
+  Differentiating a function of the trainable leaves (the frozen ones closed over as constants)
+  gives the same gradients as differentiating everything and masking, without the backward
+  passes into frozen weights: in attention transfer the residual stream follows the teacher, so
+  the only backward is through each layer's feature maps and gate.
+  """
+  leaves, treedef = jax.tree.flatten(params)
+  flags = treedef.flatten_up_to(mask)
+  index = [i for i, m in enumerate(flags) if m]
+
+  def merge(train_leaves):
+    full = list(leaves)
+    for i, leaf in zip(index, train_leaves, strict=True):
+      full[i] = leaf
+    return treedef.unflatten(full)
+
+  def grads_of(train_grads):
+    full = [jnp.zeros_like(x) for x in leaves]
+    for i, g in zip(index, train_grads, strict=True):
+      full[i] = g
+    return treedef.unflatten(full)
+
+  return (
+    (lambda train_leaves, mb: fn(merge(train_leaves), mb)),
+    [leaves[i] for i in index],
+    grads_of,
+  )
 
 
-def loss_and_grads(config, params, batch, *, kind: str, accum: int):
-  """Normalised loss and gradients of one global batch (accumulated over `accum` splits)."""
+def loss_and_grads(config, params, batch, *, kind: str, accum: int, mask=None):
+  """Normalised loss and gradients of one global batch (accumulated over `accum` splits).
+
+  `mask` (a tree of bools like `params`, or None for all): only the leaves marked True are
+  differentiated; the gradients of the others are zero.
+  """
   loss_sum_fn = LOSSES[kind]
   if kind == "lm":
     norm = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
@@ -61,31 +92,35 @@ def loss_and_grads(config, params, batch, *, kind: str, accum: int):
     total, aux = loss_sum_fn(config, p, mb)
     return total / norm, aux
 
-  grad_fn = jax.value_and_grad(micro, has_aux=True)
+  if mask is None:
+    mask = jax.tree.map(lambda _: True, params)
+  fn, train_leaves, grads_of = _trainable_closure(micro, params, mask)
+  grad_fn = jax.value_and_grad(fn, has_aux=True)
   if accum == 1:
-    (loss, aux), grads = grad_fn(params, batch)
-    return loss, aux, grads
+    (loss, aux), grads = grad_fn(train_leaves, batch)
+    return loss, aux, grads_of(grads)
 
   def body(carry, mb):
     loss_acc, grads_acc = carry
-    (loss, aux), grads = grad_fn(params, mb)
+    (loss, aux), grads = grad_fn(train_leaves, mb)
     return (loss_acc + loss, jax.tree.map(jnp.add, grads_acc, grads)), aux
 
-  zeros = jax.tree.map(jnp.zeros_like, params)
+  zeros = jax.tree.map(jnp.zeros_like, train_leaves)
   (loss, grads), auxs = jax.lax.scan(body, (jnp.float32(0.0), zeros), _split(batch, accum))
   aux = jax.tree.map(lambda a: jnp.sum(a, axis=0), auxs)
-  return loss, aux, grads
+  return loss, aux, grads_of(grads)
 
 
 def train_step(config, tx, params, opt_state, batch, *, kind="lm", accum=1, mask=None):
   """One optimizer step. Returns (params, opt_state, metrics). `mask`: trainable leaves."""
-  loss, aux, grads = loss_and_grads(config, params, batch, kind=kind, accum=accum)
-  if mask is not None:
-    grads = _mask_tree(mask, grads)
+  loss, aux, grads = loss_and_grads(config, params, batch, kind=kind, accum=accum, mask=mask)
   updates, opt_state = tx.update(grads, opt_state, params)
-  if mask is not None:
-    updates = _mask_tree(mask, updates)  # weight decay must not move frozen parameters
-  params = optax.apply_updates(params, updates)
+  if mask is None:
+    params = optax.apply_updates(params, updates)
+  else:  # frozen leaves are passed through untouched (weight decay must not move them)
+    params = jax.tree.map(
+      lambda m, p, u: optax.apply_updates(p, u) if m else p, mask, params, updates
+    )
   metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
   if "layer_mse" in aux:
     metrics["layer_mse"] = aux["layer_mse"] / batch["inputs"].shape[0]
