@@ -81,13 +81,15 @@ def test_masked_optimizer_keeps_state_only_for_trainable_leaves_and_frozen_leave
   tx = optim_lib.make_optimizer(optim, optim_lib.make_schedule(optim, 10), trainable=mask)
   opt_state = tx.init(params)
   n_state = sum(x.size for x in jax.tree.leaves(opt_state) if hasattr(x, "size") and x.ndim)
-  n_train = sum(p.size for p, m in zip(jax.tree.leaves(params), jax.tree.leaves(mask)) if m)
+  n_train = sum(
+    p.size for p, m in zip(jax.tree.leaves(params), jax.tree.leaves(mask), strict=True) if m
+  )
   assert n_state == 2 * n_train  # Adam's two moments, nothing for frozen weights
   new, _, metrics = steps_lib.train_step(
     _CONFIG, tx, params, opt_state, _batch(), kind="distill", mask=mask
   )
   moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), params, new)
   assert jax.tree.leaves(moved) and all(
-    mv == m for mv, m in zip(jax.tree.leaves(moved), jax.tree.leaves(mask))
+    mv == m for mv, m in zip(jax.tree.leaves(moved), jax.tree.leaves(mask), strict=True)
   )
   assert np.isfinite(float(metrics["loss"]))
