@@ -45,7 +45,7 @@ import dataclasses
 import json
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -229,6 +229,7 @@ def hf_model_config(
 
 
 def _take(tensors: _Tensors, name: str, shape: tuple[int, ...]) -> np.ndarray:
+  """`tensors[name]` as float32, checked to have `shape`."""
   if name not in tensors:
     raise ValueError(f"missing tensor {name!r} in the checkpoint")
   x = tensors.get(name)
@@ -237,8 +238,19 @@ def _take(tensors: _Tensors, name: str, shape: tuple[int, ...]) -> np.ndarray:
   return np.asarray(x, np.float32)
 
 
-def _llama_params(tensors: _Tensors, c: ModelConfig, kv_repeat: int) -> dict:
-  """Pure-dict parameters of every non-LoLA weight (feature maps and gates left out)."""
+def llama_params(
+  take: Callable[[str, tuple[int, ...]], np.ndarray], c: ModelConfig, kv_repeat: int = 1
+) -> dict:
+  """Pure-dict parameters of every non-LoLA weight (feature maps and gates left out).
+
+  Args:
+    take: `take(hf_name, shape)` -> float32 array of that shape, the Hugging Face tensor named
+      `hf_name` (e.g. "model.layers.0.self_attn.q_proj.weight", [out, in] layout, q/k rows in
+      the rotate-half order); it raises ValueError when the tensor is missing or mis-shaped.
+      Other formats (GGUF) translate names and layouts inside `take`.
+    c: the model config (shapes, tied embeddings).
+    kv_repeat: stored kv heads are repeated this many times (LoLCATs checkpoints), else 1.
+  """
   e, hq, d, m, v = c.d_model, c.num_heads, c.head_dim, c.mlp_dim, c.vocab_size
   hkv = c.num_kv_heads // kv_repeat  # heads stored in the checkpoint
   prefix = "model."
@@ -247,7 +259,7 @@ def _llama_params(tensors: _Tensors, c: ModelConfig, kv_repeat: int) -> dict:
     p = f"{prefix}layers.{i}."
 
     def lin(name, out_dim, in_dim, p=p):
-      return _take(tensors, p + name + ".weight", (out_dim, in_dim)).T  # [in, out]
+      return take(p + name + ".weight", (out_dim, in_dim)).T  # [in, out]
 
     k = lin("self_attn.k_proj", hkv * d, e).reshape(e, hkv, d)
     vv = lin("self_attn.v_proj", hkv * d, e).reshape(e, hkv, d)
@@ -260,8 +272,8 @@ def _llama_params(tensors: _Tensors, c: ModelConfig, kv_repeat: int) -> dict:
         "v_proj": {"kernel": vv},
         "o_proj": {"kernel": lin("self_attn.o_proj", e, hq * d).reshape(hq, d, e)},
       },
-      "attn_norm": {"scale": _take(tensors, p + "input_layernorm.weight", (e,)) - 1.0},
-      "mlp_norm": {"scale": _take(tensors, p + "post_attention_layernorm.weight", (e,)) - 1.0},
+      "attn_norm": {"scale": take(p + "input_layernorm.weight", (e,)) - 1.0},
+      "mlp_norm": {"scale": take(p + "post_attention_layernorm.weight", (e,)) - 1.0},
       "mlp": {
         "gate": {"kernel": lin("mlp.gate_proj", m, e)},
         "up": {"kernel": lin("mlp.up_proj", m, e)},
@@ -269,12 +281,12 @@ def _llama_params(tensors: _Tensors, c: ModelConfig, kv_repeat: int) -> dict:
       },
     }
   params = {
-    "embed": {"embedding": _take(tensors, prefix + "embed_tokens.weight", (v, e))},
+    "embed": {"embedding": take(prefix + "embed_tokens.weight", (v, e))},
     "blocks": blocks,
-    "final_norm": {"scale": _take(tensors, prefix + "norm.weight", (e,)) - 1.0},
+    "final_norm": {"scale": take(prefix + "norm.weight", (e,)) - 1.0},
   }
   if not c.tie_embeddings:
-    params["lm_head"] = {"kernel": _take(tensors, "lm_head.weight", (v, e)).T}
+    params["lm_head"] = {"kernel": take("lm_head.weight", (v, e)).T}
   return params
 
 
@@ -305,8 +317,9 @@ def read_lolcats(path: str) -> dict[int, dict[str, np.ndarray]]:
   return out
 
 
-def _feature_map_params(c: ModelConfig, lolcats, key: jax.Array) -> dict:
-  """{layer: {"phi_q": {"w"}, "phi_k": {"w"}, "gate": {"logit"}}} from LoLCATs or fresh."""
+def feature_map_params(c: ModelConfig, lolcats, key: jax.Array) -> dict:
+  """{layer: {"phi_q": {"w"}, "phi_k": {"w"}, "gate": {"logit"}}} from LoLCATs (`read_lolcats`)
+  or, with `lolcats=None`, fresh: Hedgehog maps drawn from `key`, gate logits `c.gate_init`."""
   d, hq, hkv, f = c.head_dim, c.num_heads, c.num_kv_heads, c.feature_dim
   out = {}
   for i in range(c.num_layers):
@@ -379,16 +392,16 @@ def load_hf_llama(
     overrides["num_kv_heads"] = hq
   config = hf_model_config(hf, attention, chunk_size, cache_size, **overrides)
   tensors = _Tensors(_safetensors_files(path))
-  params = _llama_params(tensors, config, kv_repeat)
-  fm = _feature_map_params(config, lolcats, jax.random.key(0) if key is None else key)
+  params = llama_params(lambda name, shape: _take(tensors, name, shape), config, kv_repeat)
+  fm = feature_map_params(config, lolcats, jax.random.key(0) if key is None else key)
   for i, entry in fm.items():
     params["blocks"][i]["attn"].update(entry)
   params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
-  _check_structure(config, params)
+  check_structure(config, params)
   return config, params
 
 
-def _check_structure(config: ModelConfig, params: dict) -> None:
+def check_structure(config: ModelConfig, params: dict) -> None:
   """Every parameter of `LoLALM(config)` present with its shape (catches mapping bugs)."""
   want = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
   flat_w = dict(jax.tree_util.tree_flatten_with_path(want)[0])
