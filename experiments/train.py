@@ -8,6 +8,8 @@ Multi-host (one command per process; JAX's own runtime, no launcher):
       --process_id=0
 """
 
+import sys
+
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -26,9 +28,12 @@ def main(argv):
   from lola_jax import sharding
 
   sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  from lola_jax.training import train_and_evaluate
+  from lola_jax.training import checkpoint, train_and_evaluate, workdir_lock
 
-  result = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  try:
+    result = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except (workdir_lock.WorkdirLockedError, checkpoint.ConfigMismatchError) as e:
+    sys.exit(f"error: {e}")  # a refusal, nothing went wrong: the message says what to do
   if result["preempted"]:
     print(f"Preempted at step {result['step']}; checkpoint saved. Rerun to resume.", flush=True)
 

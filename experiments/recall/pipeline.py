@@ -50,9 +50,15 @@ flags.DEFINE_list(
   "Extra config overrides after the preset's, e.g. model.rope_fraction=0.5 (applied to the "
   "teacher and distill configs, and when loading for evaluation).",
 )
-flags.DEFINE_integer("teacher_steps", None, "Teacher training steps (default: the preset's).")
-flags.DEFINE_integer("distill_steps", None, "Attention-transfer steps (default: the preset's).")
-flags.DEFINE_integer("finetune_steps", None, "Finetune steps after it (default: the preset's).")
+flags.DEFINE_integer(
+  "teacher_steps", None, "Teacher training steps (default: the preset's).", lower_bound=0
+)
+flags.DEFINE_integer(
+  "distill_steps", None, "Attention-transfer steps (default: the preset's).", lower_bound=0
+)
+flags.DEFINE_integer(
+  "finetune_steps", None, "Finetune steps after it (default: the preset's).", lower_bound=0
+)
 flags.DEFINE_string(
   "teacher_params",
   None,
@@ -436,10 +442,15 @@ def main(argv):
   commands = []
   log = os.path.join(workdir, "train.log")
   teacher_dir, hybrid_dir = os.path.join(workdir, "teacher"), os.path.join(workdir, "hybrid")
-  t_over = overrides + [f"train.steps={FLAGS.teacher_steps or preset['teacher_steps']}"]
+  # A flag of 0 is a value (0 steps), not "unset": only None falls back to the preset.
+  steps = {
+    k: preset[k] if getattr(FLAGS, k) is None else getattr(FLAGS, k)
+    for k in ("teacher_steps", "distill_steps", "finetune_steps")
+  }
+  t_over = overrides + [f"train.steps={steps['teacher_steps']}"]
   d_over = overrides + [
-    f"train.steps={FLAGS.distill_steps or preset['distill_steps']}",
-    f"distill.finetune_steps={FLAGS.finetune_steps or preset['finetune_steps']}",
+    f"train.steps={steps['distill_steps']}",
+    f"distill.finetune_steps={steps['finetune_steps']}",
     f"distill.teacher_params={FLAGS.teacher_params}"
     if FLAGS.teacher_params
     else f"distill.teacher_workdir={teacher_dir}",

@@ -153,14 +153,57 @@ def _read_varint(buf: bytes, i: int) -> tuple[int, int]:
     shift += 7
 
 
-class MetricsWriter:
-  """Appends JSON lines to `<workdir>/metrics.jsonl` and scalars to TensorBoard (process 0)."""
+def drop_rows_after(path: str, step: int) -> int:
+  """Rewrites the JSON-lines file keeping only rows with 'step' <= `step`; returns how many went.
 
-  def __init__(self, workdir: str, *, enabled: bool = True):
+  A run that resumes from the checkpoint at `step` recomputes the steps after it: the rows the
+  interrupted run wrote for them would otherwise appear twice. Lines that are not JSON objects
+  with an int 'step' (a line cut short by a crash) are dropped too. The file is replaced
+  atomically (a crash here leaves the old file or the new one).
+  """
+  if not os.path.exists(path):
+    return 0
+  kept, dropped = [], 0
+  with open(path) as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+        keep = isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step
+      except ValueError:
+        keep = False
+      if keep:
+        kept.append(line if line.endswith("\n") else line + "\n")
+      else:
+        dropped += int(bool(line.strip()))
+  if dropped:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+      f.writelines(kept)
+    os.replace(tmp, path)
+  return dropped
+
+
+class MetricsWriter:
+  """Appends JSON lines to `<workdir>/metrics.jsonl` and scalars to TensorBoard (process 0).
+
+  `start_step`: the step the run starts (or resumes) from; rows after it that an interrupted
+  earlier run left are dropped first, so the file holds one row per step (plus the final
+  evaluation's row) however often the run was resumed.
+  """
+
+  def __init__(self, workdir: str, *, enabled: bool = True, start_step: int | None = None):
     self.enabled = enabled
     if enabled:
       os.makedirs(workdir, exist_ok=True)
       self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
+      if start_step is not None:
+        dropped = drop_rows_after(self.jsonl_path, start_step)
+        if dropped:
+          print(
+            f"metrics.jsonl: dropped {dropped} row(s) after step {start_step} written by the "
+            "interrupted run (the resumed run writes them again)",
+            flush=True,
+          )
       self._jsonl = open(self.jsonl_path, "a")
       self._tb = TensorBoardWriter(os.path.join(workdir, "tensorboard"))
 

@@ -42,6 +42,7 @@ from lola_jax.training import checkpoint as ckpt_lib
 from lola_jax.training import metrics as metrics_lib
 from lola_jax.training import optim as optim_lib
 from lola_jax.training import steps as steps_lib
+from lola_jax.training import workdir_lock
 
 MODES = ("lm", "distill")
 
@@ -110,6 +111,18 @@ def setup(config, task=None, eval_task=None) -> Setup:
     val = config.train[field]
     if not isinstance(val, int) or val < (0 if field == "steps" else 1):
       raise ValueError(f"train.{field} must be a positive int, got {val!r}")
+  keep = config.train.keep_checkpoints
+  if not isinstance(keep, int) or isinstance(keep, bool) or keep < 1:
+    raise ValueError(
+      f"train.keep_checkpoints must be an int >= 1 (the newest N checkpoints are kept), got "
+      f"{keep!r}"
+    )
+  every = config.train.checkpoint_every
+  if not isinstance(every, int) or isinstance(every, bool) or every < 0:
+    raise ValueError(
+      f"train.checkpoint_every must be an int >= 0 (0: only at the end and on preemption), got "
+      f"{every!r}"
+    )
   if config.train.batch_size % config.train.grad_accum_steps:
     raise ValueError(
       f"train.batch_size ({config.train.batch_size}) must be divisible by "
@@ -204,6 +217,26 @@ def _all_agree(flag: bool) -> bool:
   return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
 
 
+# Settings that may change between a run and its resume: they change neither the saved arrays
+# nor what they compute (backend, KV-cache length of the softmax decode state) or only the
+# compute precision.
+RESUMABLE_FIELDS = ("lola.implementation", "model.dtype", "model.max_seq_len")
+
+
+def state_config(config, mc: model_lib.ModelConfig) -> dict[str, Any]:
+  """The settings that define the training state, flat ({'model.d_model': 32, 'lola.*', ...}).
+
+  Saved with every checkpoint; resuming with other values (except RESUMABLE_FIELDS) is refused
+  with the differing fields named (`checkpoint.ConfigMismatchError`).
+  """
+  fields = dataclasses.asdict(mc)
+  lola = fields.pop("lola")
+  flat = {f"model.{k}": v for k, v in fields.items()}
+  flat.update({f"lola.{k}": v for k, v in lola.items()})
+  flat["train.mode"] = config.train.get("mode", "lm")
+  return {k: v for k, v in flat.items() if k not in RESUMABLE_FIELDS}
+
+
 def _abstract_train_state(s: Setup):
   opt = jax.eval_shape(s.tx.init, s.abstract_params)
   opt = jax.tree.map(
@@ -267,19 +300,49 @@ def train_and_evaluate(config, workdir: str, *, task=None, eval_task=None) -> di
 
   Result keys: step, loss, eval_loss (if evaluated), preempted (bool), tokens_per_s, params
   (the final parameter pytree).
+
+  Raises:
+    workdir_lock.WorkdirLockedError: another live run holds `workdir` (nothing is touched).
+    checkpoint.ConfigMismatchError: the checkpoints were written with other settings (named;
+      they are left in place).
+    ValueError: the checkpoint is past train.steps (+ distill.finetune_steps).
+    FloatingPointError: the loss or the state became NaN/Inf (names the step; nothing
+      non-finite is saved and the finite checkpoints are kept).
   """
   s = setup(config, task, eval_task)
+  os.makedirs(workdir, exist_ok=True)
+  with workdir_lock.WorkdirLock(workdir):
+    ckpt = ckpt_lib.Checkpointer(
+      os.path.join(workdir, "checkpoints"),
+      every=config.train.checkpoint_every,
+      keep=config.train.keep_checkpoints,
+      async_save=config.train.get("async_checkpoint", True),
+    )
+    try:
+      return _train(config, workdir, s, ckpt)
+    finally:
+      ckpt.close()  # also on errors: in-flight (finite) saves are completed, never left half-way
+
+
+def _diverged(step: int, what: str, config, ckpt: ckpt_lib.Checkpointer) -> FloatingPointError:
+  ckpt.wait()
+  kept = ckpt.steps()
+  last = f"the last checkpoint, step {kept[-1]}, is kept" if kept else "no checkpoint was saved"
+  return FloatingPointError(
+    f"training diverged at step {step}: {what}. Nothing non-finite was saved; {last} in "
+    f"{ckpt.directory}. Try a lower optim.lr (now {config.optim.lr}), a tighter "
+    f"optim.clip_norm (now {config.optim.clip_norm}) or longer optim.warmup_steps (now "
+    f"{config.optim.warmup_steps}), and rerun: it resumes from that checkpoint."
+  )
+
+
+def _train(config, workdir: str, s: Setup, ckpt: ckpt_lib.Checkpointer) -> dict:
+  """The body of `train_and_evaluate`, run while holding the workdir lock."""
   mode = config.train.get("mode", "lm")
   mc, mesh = s.model_config, s.mesh
   is_main = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
-  ckpt = ckpt_lib.Checkpointer(
-    os.path.join(workdir, "checkpoints"),
-    every=config.train.checkpoint_every,
-    keep=config.train.keep_checkpoints,
-    async_save=config.train.get("async_checkpoint", True),
-  )
-  restored = ckpt.restore_latest(_abstract_train_state(s))
+  run_config = state_config(config, mc)
+  restored = ckpt.restore_latest(_abstract_train_state(s), run_config)
   if restored is None:
     state = _initial_state(config, s)
     start = 0
@@ -287,6 +350,15 @@ def train_and_evaluate(config, workdir: str, *, task=None, eval_task=None) -> di
     state, meta = restored
     start = int(meta["data_position"])
     print(f"Resumed from checkpoint {meta['step']} in {ckpt.directory}", flush=True)
+    if start > s.total_steps:
+      raise ValueError(
+        f"the checkpoint in {ckpt.directory} is at step {start}, past the {s.total_steps} steps "
+        f"this config trains (train.steps={config.train.steps}"
+        + (" + distill.finetune_steps" if s.total_steps > config.train.steps else "")
+        + "): raise train.steps to continue this run, or use another workdir"
+      )
+    if start == s.total_steps:
+      print(f"Nothing to train: the run is complete at step {start}", flush=True)
 
   main_kind = "distill" if mode == "distill" else "lm"
   main_mask = model_lib.trainable_mask(
@@ -321,7 +393,7 @@ def train_and_evaluate(config, workdir: str, *, task=None, eval_task=None) -> di
     )
   eval_fn = steps_lib.jit_eval_step(mc, mesh, s.param_sh, kind="lm")
   batch_sh = sharding_lib.batch_sharding(mesh)
-  writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
+  writer = metrics_lib.MetricsWriter(workdir, enabled=is_main, start_step=start)
   bsz, seq = config.train.batch_size, config.task.seq_len
   eval_bsz = config.train.get("eval_batch_size", bsz)
   log_every = max(1, config.train.log_every)
@@ -374,7 +446,9 @@ def train_and_evaluate(config, workdir: str, *, task=None, eval_task=None) -> di
           "stage": "distill" if (mode == "distill" and step <= config.train.steps) else "lm",
         }
         if not np.isfinite(loss):
-          raise FloatingPointError(f"loss is {loss} at step {step}")
+          writer.write(step, record)
+          writer.close()
+          raise _diverged(step, f"the loss is {loss}", config, ckpt)
         if config.train.eval_every and step % config.train.eval_every == 0:
           record.update(run_eval(state["params"], step))
         writer.write(step, record)
@@ -388,7 +462,12 @@ def train_and_evaluate(config, workdir: str, *, task=None, eval_task=None) -> di
       stop_here = step == config.train.get("stop_at_step", 0)
       preempted = _all_agree(preempt.requested)
       if ckpt.should_save(step) or step == s.total_steps or preempted or stop_here:
-        ckpt.save(step, state, {"data_position": step, "mode": mode, "model_config": repr(mc)})
+        meta = {"data_position": step, "mode": mode, "config": run_config}
+        try:
+          ckpt.save(step, state, meta)
+        except ckpt_lib.NonFiniteStateError as e:
+          writer.close()
+          raise _diverged(step, str(e), config, ckpt) from e
       if preempted or stop_here:
         result["preempted"] = True
         break
@@ -397,13 +476,13 @@ def train_and_evaluate(config, workdir: str, *, task=None, eval_task=None) -> di
     result["loss"] = float(sharding_lib.to_host(metrics["loss"]))
   if not result["preempted"] and config.train.eval_batches:
     final_eval = run_eval(state["params"], step)
-    writer.write(step, final_eval)
+    if step > start:  # a rerun of a complete run already has this row
+      writer.write(step, final_eval)
     result.update(final_eval)
   result["step"] = step
   result["tokens_per_s"] = tokens_per_s
   result["elapsed_s"] = time.time() - t_start
   result["params"] = state["params"]
   writer.close()
-  ckpt.close()
   logging.info("done at step %d: %s", step, {k: v for k, v in result.items() if k != "params"})
   return result
