@@ -141,7 +141,7 @@ def smollm2(
   cache_size: int = 64,
   *,
   feature_maps: str | Mapping | None = None,
-  gguf_path: str | None = None,
+  gguf_path: str | GGUFReader | None = None,
   **overrides,
 ) -> tuple[ModelConfig, dict, Tokenizer]:
   """SmolLM2-135M-Instruct as (ModelConfig, float32 params, tokenizer).
@@ -153,14 +153,15 @@ def smollm2(
       every kind but softmax, which uses them when present and fresh ones otherwise); "init" =
       a fresh Hedgehog initialisation and `gate_init` gates (before distillation); a path to a
       `save_feature_maps` file; or a flat {name: array} mapping.
-    gguf_path: another SmolLM2 GGUF (default: the installed one, `smollm2_gguf_path()`).
+    gguf_path: another SmolLM2 GGUF, or an open `gguf.GGUFReader` of one (default: the
+      installed file, `smollm2_gguf_path()`).
     **overrides: ModelConfig or LoLAConfig fields; they win over the file's "model_overrides".
 
   Raises:
     FileNotFoundError when the weights are not installed, or when a linearised kind is asked
     for and the committed feature maps do not exist (pass feature_maps="init" for fresh ones).
   """
-  reader: GGUFReader = open_gguf(gguf_path or smollm2_gguf_path())
+  reader = open_gguf(smollm2_gguf_path() if gguf_path is None else gguf_path)
   maps = _resolve_feature_maps(feature_maps, attention)
   if isinstance(maps, str):
     stored = feature_maps_metadata(maps).get(MODEL_OVERRIDES_KEY)

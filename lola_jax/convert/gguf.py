@@ -38,7 +38,8 @@ tensor the mapping does not consume, a type `gguf.quants` cannot dequantise) is 
 naming it.
 
 Feature maps and gates (`feature_maps=`): a flat mapping of the linear branch's parameters by
-name, exactly the leaves of `fresh` parameters under `blocks.<i>.attn.phi_q`, `phi_k` and `gate`:
+name, exactly the parameters of `LoLALM` under `blocks.<i>.attn.phi_q`, `phi_k` and `gate`
+(`feature_map_shapes(config)`):
 
   "blocks.<i>.attn.phi_q.w"     [Hq, d, F]    Hedgehog query map of layer i
   "blocks.<i>.attn.phi_k.w"     [Hkv, d, F]   Hedgehog key map (one per kv head)
@@ -57,10 +58,11 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, quants
 
 from lola_jax.convert.hf import check_structure, feature_map_params, hf_model_config, llama_params
-from lola_jax.model import ModelConfig, layers
+from lola_jax.model import ModelConfig, abstract_model, layers
 
 SUPPORTED_GGUF_ARCHITECTURES = ("llama",)
 
@@ -290,13 +292,16 @@ def _gguf_take(reader: GGUFReader, hf: dict, used: set[str]):
   return take
 
 
-def _feature_map_leaves(fresh: dict) -> dict[str, tuple[int, ...]]:
-  """{"blocks.<i>.attn.<phi_q|phi_k|gate>.<leaf>": shape} of `hf.feature_map_params` output."""
+def feature_map_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+  """{"blocks.<i>.attn.<phi_q|phi_k|gate>.<leaf>": shape} of `LoLALM(config)`'s feature maps and
+  gates (from the cached `model.abstract_model`, no parameters allocated)."""
+  blocks = nnx.to_pure_dict(abstract_model(config)[1])["blocks"]
   out = {}
-  for i, entry in fresh.items():
-    for path, leaf in jax.tree_util.tree_flatten_with_path(entry)[0]:
-      keys = ".".join(str(getattr(p, "key", p)) for p in path)
-      out[f"blocks.{i}.attn.{keys}"] = tuple(leaf.shape)
+  for i, block in blocks.items():
+    for module in _FEATURE_MAP_KEYS:
+      for path, leaf in jax.tree_util.tree_flatten_with_path(block["attn"][module])[0]:
+        keys = ".".join(str(getattr(p, "key", p)) for p in path)
+        out[f"blocks.{i}.attn.{module}.{keys}"] = tuple(leaf.shape)
   return out
 
 
@@ -315,7 +320,7 @@ def apply_feature_maps(config: ModelConfig, params: dict, feature_maps: Mapping)
   Returns:
     a new pure dict (the input is not modified).
   """
-  want = _feature_map_leaves(feature_map_params(config, None, jax.random.key(0)))
+  want = feature_map_shapes(config)
   missing = sorted(set(want) - set(feature_maps))
   extra = sorted(set(feature_maps) - set(want))
   if missing or extra:
@@ -378,10 +383,11 @@ def load_gguf_llama(
       "experts and other extras are not supported)"
     )
   params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
-  fresh = feature_map_params(config, None, jax.random.key(0) if key is None else key)
-  for i, entry in fresh.items():
-    params["blocks"][i]["attn"].update(entry)
-  if feature_maps is not None:
+  if feature_maps is None:
+    fresh = feature_map_params(config, None, jax.random.key(0) if key is None else key)
+    for i, entry in fresh.items():
+      params["blocks"][i]["attn"].update(entry)
+  else:
     params = apply_feature_maps(config, params, feature_maps)
   check_structure(config, params)
   return config, params

