@@ -11,19 +11,22 @@ Legend: B batch rows, T prompt length (padded), V vocab, N tokens generated.
     for block in generate_stream(...):   # int32 [B, n] numpy blocks as they are produced
       print(tokenizer.decode(block[0]), end="", flush=True)
 
-How it runs:
+How it runs (`params`: a pure parameter dict or an `nnx.State`, e.g. `nnx.state(model)`):
   1. `prefill` (jitted) runs the right-padded prompts [B, T] with their lengths [B] through the
      model once: every row's per-layer state holds exactly its own `lengths[b]` tokens, and the
      logits of each row's last real token are gathered.
-  2. `_decode_block` (jitted, a `lax.while_loop`) repeats: sample a token from the logits of each
+  2. `decode_block` (jitted, a `lax.while_loop`) repeats: sample a token from the logits of each
      row, emit it, feed it to `LoLALM.decode` (one token per row, positions continue from each
      row's own token count). It stops after `block_size` steps or when every row has produced a
      stop token. The loop carry is (states, logits [B, V], done [B], count [B]); for LoLA/hybrid/
      linear the states have fixed shapes (window + sparse cache + linear state), so memory is
      the same after 10 or 10^6 tokens. Softmax attention's KV cache needs T + N slots and is
      allocated once at that size (the baseline the benchmark compares against).
-  3. `generate_stream` calls the block repeatedly and yields each block to the host (streaming);
-     `generate` collects the blocks.
+  3. `decode_stream` calls the block repeatedly from given states and logits and yields each
+     block to the host (streaming); `decode` collects the blocks. `generate_stream` / `generate`
+     are `prefill` followed by them. Callers that build the states themselves (the recall
+     evaluation reads them after the prompt, the cache-policy ablation prefills in segments)
+     call `prefill` / `decode` directly: this is the one decode loop of the project.
 
 Sampling (per row, `Sampling`): temperature 0 = greedy (argmax); otherwise logits / temperature,
 then top-k (keep the k largest), then top-p (keep the smallest set of most likely tokens whose
@@ -45,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lola_jax import model as model_lib
+from lola_jax import sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,7 +137,6 @@ def _row_keys(key: jax.Array | None, batch: int) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("config", "max_len", "state_sharding"))
 def _prefill(config, params, prompts, lengths, *, max_len, state_sharding=None):
-  """prompts int [B, T], lengths [B] -> (logits of each row's last token [B, V], states)."""
   lm = model_lib.bind(config, params)
   logits, states = lm.prefill(prompts, lengths, max_len=max_len)
   if state_sharding is not None:
@@ -142,12 +145,33 @@ def _prefill(config, params, prompts, lengths, *, max_len, state_sharding=None):
   return last, states
 
 
+def prefill(config, params, prompts, lengths=None, *, max_len=None, state_sharding=None):
+  """Runs the prompts through the model once (jitted).
+
+  Args:
+    config, params: the model (`model.ModelConfig`; a pure parameter dict or an `nnx.State`).
+    prompts: int [B, T] right-padded prompts; lengths: int [B] real tokens per row (default T).
+    max_len: KV-cache slots of a fresh softmax state (default config.max_seq_len; the other
+      kinds ignore it).
+    state_sharding: optional `StateSharding` constraint of the decode states.
+
+  Returns:
+    (logits of each row's last real token float32 [B, V], per-layer states).
+  """
+  prompts = jnp.asarray(prompts, jnp.int32)
+  if lengths is None:
+    lengths = jnp.full(prompts.shape[:1], prompts.shape[1], jnp.int32)
+  return _prefill(
+    config, params, prompts, jnp.asarray(lengths), max_len=max_len, state_sharding=state_sharding
+  )
+
+
 @functools.partial(
   jax.jit,
   static_argnames=("config", "sampling", "block_size", "state_sharding"),
   donate_argnames=("states",),
 )
-def _decode_block(
+def decode_block(
   config,
   params,
   states,
@@ -205,7 +229,7 @@ def _decode_block(
 
 
 @dataclasses.dataclass(frozen=True)
-class _StateSharding:
+class StateSharding:
   """Hashable holder of the decode states' shardings (a static jit argument)."""
 
   shardings: Any
@@ -214,10 +238,10 @@ class _StateSharding:
     return id(self.shardings)
 
   def __eq__(self, other):
-    return isinstance(other, _StateSharding) and other.shardings is self.shardings
+    return isinstance(other, StateSharding) and other.shardings is self.shardings
 
 
-def _validate(prompts, lengths, max_new_tokens, block_size):
+def _validate_prompts(prompts, lengths) -> np.ndarray:
   if prompts.ndim != 2:
     raise ValueError(f"prompts must be int [B, T], got shape {prompts.shape}")
   if not jnp.issubdtype(prompts.dtype, jnp.integer):
@@ -228,18 +252,21 @@ def _validate(prompts, lengths, max_new_tokens, block_size):
     raise ValueError(f"lengths must be int [{b}], got shape {lengths.shape}")
   if (lengths < 1).any() or (lengths > t).any():
     raise ValueError(f"lengths must be in [1, {t}] (every prompt needs a token), got {lengths}")
+  return lengths
+
+
+def _validate_budget(max_new_tokens, block_size) -> None:
   if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
   if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
     raise ValueError(f"block_size must be None or an int >= 1, got {block_size!r}")
-  return lengths
 
 
-def generate_stream(
+def decode_stream(
   config: model_lib.ModelConfig,
   params,
-  prompts,
-  lengths=None,
+  states,
+  logits,
   *,
   max_new_tokens: int,
   sampling: Sampling = Sampling(),
@@ -247,49 +274,34 @@ def generate_stream(
   stop_tokens: Sequence[int] = (),
   pad_id: int = 0,
   block_size: int | None = 64,
-  mesh=None,
+  state_sharding: StateSharding | None = None,
   final: dict | None = None,
 ) -> Iterator[np.ndarray]:
-  """Yields int32 [B, n] numpy blocks of generated tokens (n <= block_size) as they are produced.
+  """Yields int32 [B, n] numpy blocks of tokens (n <= block_size) generated from `states`.
 
   Args:
-    config, params: the model (`model.ModelConfig`, a pure parameter dict).
-    prompts: int [B, T] right-padded prompts; lengths: int [B] real tokens per row (default T).
+    config, params: the model (`model.ModelConfig`; a pure parameter dict or an `nnx.State`).
+    states: per-layer decode states after the prompt (`prefill`, or the model's own `prefill`);
+      donated to the loop.
+    logits: float [B, V] of each row's next token (the last prompt token's).
     max_new_tokens: N, tokens generated per row at most (the stop token included).
     sampling: `Sampling` (greedy by default); key: one PRNG key or [B] keys.
     stop_tokens: a row stops after producing one of these; later positions hold pad_id.
     block_size: decode steps per jitted block (None = all N in one block).
-    mesh: optional `jax.sharding.Mesh`: parameters, prompts and decode states are sharded with
-      `lola_jax.sharding`'s rules (batch over data/fsdp, heads over tensor).
+    state_sharding: optional `StateSharding` constraint of the states inside the loop.
     final: optional dict that receives "states", "num_generated" when the stream ends.
   """
-  prompts = jnp.asarray(prompts)
-  lengths = _validate(prompts, lengths, max_new_tokens, block_size)
-  b, t = prompts.shape
+  _validate_budget(max_new_tokens, block_size)
+  logits = jnp.asarray(logits, jnp.float32)
+  b = logits.shape[0]
   block_size = block_size or max_new_tokens
   stops = jnp.asarray(tuple(int(s) for s in stop_tokens) or (-1,), jnp.int32)
-  # KV-cache slots (softmax only; fixed-size states ignore it, so no recompilation per length).
-  max_len = t + max_new_tokens if config.attention == "softmax" else None
   keys = _row_keys(key, b)
-  state_sharding = None
-  lengths = jnp.asarray(lengths)
-  if mesh is not None:
-    from lola_jax import sharding as sh
-
-    params = jax.device_put(params, sh.param_shardings(config, mesh))
-    batch = sh.batch_sharding(mesh)
-    prompts = jax.device_put(prompts, batch)
-    lengths = jax.device_put(lengths, batch)
-    abstract = jax.eval_shape(lambda p: model_lib.bind(config, p).init_states(b, max_len), params)
-    state_sharding = _StateSharding(sh.decode_state_shardings(abstract, mesh))
-  logits, states = _prefill(
-    config, params, prompts, lengths, max_len=max_len, state_sharding=state_sharding
-  )
   done = jnp.zeros((b,), bool)
   count = jnp.zeros((b,), jnp.int32)
   produced = 0
   while produced < max_new_tokens:
-    out, states, logits, done, count, steps = _decode_block(
+    out, states, logits, done, count, steps = decode_block(
       config,
       params,
       states,
@@ -315,48 +327,110 @@ def generate_stream(
     final["num_generated"] = np.asarray(count)
 
 
-def generate(
+def generate_stream(
   config: model_lib.ModelConfig,
   params,
   prompts,
   lengths=None,
   *,
   max_new_tokens: int,
-  sampling: Sampling = Sampling(),
-  key: jax.Array | None = None,
-  stop_tokens: Sequence[int] = (),
-  pad_id: int = 0,
-  block_size: int | None = None,
+  block_size: int | None = 64,
   mesh=None,
-  callback: Callable[[np.ndarray], None] | None = None,
-) -> GenerateOutput:
-  """Generate up to `max_new_tokens` per row; see `generate_stream` for the arguments.
+  **sample_options,
+) -> Iterator[np.ndarray]:
+  """`prefill` of the prompts, then `decode_stream`: yields int32 [B, n] numpy blocks.
 
-  `callback`, when given, receives every block of tokens (int32 [B, n]) as it is produced.
-  Returns `GenerateOutput` with tokens [B, max_new_tokens] (pad_id past each row's end).
+  Args:
+    config, params: the model (`model.ModelConfig`, a pure parameter dict).
+    prompts: int [B, T] right-padded prompts; lengths: int [B] real tokens per row (default T).
+    max_new_tokens, block_size: as `decode_stream`.
+    mesh: optional `jax.sharding.Mesh`: parameters, prompts and decode states are sharded with
+      `lola_jax.sharding`'s rules (batch over data/fsdp, heads over tensor).
+    sample_options: `decode_stream`'s sampling, key, stop_tokens, pad_id and final.
   """
-  final: dict = {}
-  blocks = []
-  for block in generate_stream(
+  prompts = jnp.asarray(prompts)
+  lengths = _validate_prompts(prompts, lengths)
+  _validate_budget(max_new_tokens, block_size)
+  b, t = prompts.shape
+  # KV-cache slots (a full KV cache only; fixed-size states ignore it, so no recompilation per
+  # length).
+  max_len = t + max_new_tokens if config.kind.full_kv_cache else None
+  state_sharding = None
+  lengths = jnp.asarray(lengths)
+  if mesh is not None:
+    params = jax.device_put(
+      params, sharding.param_shardings(model_lib.logical_axes(config), params, mesh)
+    )
+    batch = sharding.batch_sharding(mesh)
+    prompts = jax.device_put(prompts, batch)
+    lengths = jax.device_put(lengths, batch)
+    abstract = jax.eval_shape(lambda p: model_lib.bind(config, p).init_states(b, max_len), params)
+    axes = model_lib.state_logical_axes(config, abstract)
+    state_sharding = StateSharding(sharding.logical_shardings(axes, abstract, mesh))
+  logits, states = prefill(
+    config, params, prompts, lengths, max_len=max_len, state_sharding=state_sharding
+  )
+  yield from decode_stream(
     config,
     params,
-    prompts,
-    lengths,
+    states,
+    logits,
     max_new_tokens=max_new_tokens,
-    sampling=sampling,
-    key=key,
-    stop_tokens=stop_tokens,
-    pad_id=pad_id,
     block_size=block_size,
-    mesh=mesh,
-    final=final,
+    state_sharding=state_sharding,
+    **sample_options,
+  )
+
+
+def _collect(stream_fn, batch: int, callback, *, max_new_tokens, pad_id=0, block_size=None, **opts):
+  """Runs `stream_fn` (`generate_stream` / `decode_stream` with the leading arguments bound) to
+  its end; returns `GenerateOutput` with tokens [B, max_new_tokens] (pad_id past a row's end)."""
+  final: dict = {}
+  blocks = []
+  for block in stream_fn(
+    max_new_tokens=max_new_tokens, pad_id=pad_id, block_size=block_size, final=final, **opts
   ):
     if callback is not None:
       callback(block)
     blocks.append(block)
-  b = np.asarray(prompts).shape[0]
-  tokens = np.full((b, max_new_tokens), pad_id, np.int32)
+  tokens = np.full((batch, max_new_tokens), pad_id, np.int32)
   if blocks:
     cat = np.concatenate(blocks, axis=1)
     tokens[:, : cat.shape[1]] = cat
   return GenerateOutput(tokens=tokens, num_generated=final["num_generated"], states=final["states"])
+
+
+def decode(
+  config: model_lib.ModelConfig,
+  params,
+  states,
+  logits,
+  *,
+  callback: Callable[[np.ndarray], None] | None = None,
+  **options,
+) -> GenerateOutput:
+  """Up to `max_new_tokens` tokens per row from `states` and `logits` [B, V]: `decode_stream`
+  collected. `options`: its keyword arguments (max_new_tokens required; block_size defaults to
+  None here, all tokens in one jitted block). `callback`, when given, receives every block of
+  tokens (int32 [B, n]) as it is produced. Returns `GenerateOutput` (tokens [B, max_new_tokens],
+  pad_id past each row's end)."""
+  stream = functools.partial(decode_stream, config, params, states, logits)
+  return _collect(stream, np.shape(logits)[0], callback, **options)
+
+
+def generate(
+  config: model_lib.ModelConfig,
+  params,
+  prompts,
+  lengths=None,
+  *,
+  callback: Callable[[np.ndarray], None] | None = None,
+  **options,
+) -> GenerateOutput:
+  """Generate up to `max_new_tokens` per row: `generate_stream` collected. `options`: its keyword
+  arguments (max_new_tokens required, sampling, key, stop_tokens, pad_id, mesh; block_size
+  defaults to None here, all tokens in one jitted block). `callback`, when given, receives every
+  block of tokens (int32 [B, n]) as it is produced. Returns `GenerateOutput` (tokens
+  [B, max_new_tokens], pad_id past each row's end)."""
+  stream = functools.partial(generate_stream, config, params, prompts, lengths)
+  return _collect(stream, np.shape(prompts)[0], callback, **options)

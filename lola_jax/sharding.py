@@ -9,9 +9,13 @@ Batches are split over ("data", "fsdp"). A logical dimension whose size does not
 mesh axes stays replicated (e.g. 2 kv heads on a tensor axis of 4), so any mesh that fits the
 devices runs; the rules decide only where data lives, never the numbers.
 
-Train and eval steps (`lola_jax/training/steps.py`) are `jax.jit` with explicit `in_shardings`
-and `out_shardings` built here: the same code runs on 1 CPU, 8 simulated CPU devices
-(`XLA_FLAGS=--xla_force_host_platform_device_count=8`), a GPU, a TPU slice or several hosts.
+This module maps trees of logical axis names onto a mesh and knows nothing of the model: the
+model declares the names (`lola_jax.model.logical_axes` for parameters,
+`lola_jax.model.state_logical_axes` for decode states) and callers pass them in, with the arrays'
+shapes. Train and eval steps (`lola_jax/training/steps.py`) are `jax.jit` with explicit
+`in_shardings` and `out_shardings` built here: the same code runs on 1 CPU, 8 simulated CPU
+devices (`XLA_FLAGS=--xla_force_host_platform_device_count=8`), a GPU, a TPU slice or several
+hosts.
 """
 
 from __future__ import annotations
@@ -135,30 +139,50 @@ def logical_to_spec(
   return P(*spec)
 
 
-def param_shardings(model_config, mesh: Mesh, rules=DEFAULT_RULES) -> dict:
-  """NamedSharding per parameter (pure dict matching `model.init_params`)."""
-  from lola_jax import model as model_lib
+def _is_axes(x) -> bool:
+  """A leaf of an axes tree: None or a tuple of logical names (str or None per dimension)."""
+  return x is None or (isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x))
 
-  names = model_lib.logical_axes(model_config)
-  shapes = jax.eval_shape(lambda: model_lib.init_params(model_config, jax.random.key(0)))
+
+def logical_shardings(axes, shapes, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
+  """NamedSharding per array of `shapes` from its logical axis names in `axes`.
+
+  Args:
+    axes: a tree matching `shapes` whose leaves are tuples of logical axis names (one per
+      dimension, None for a dimension no rule shards) or None (replicated), e.g.
+      `lola_jax.model.logical_axes(config)` or `lola_jax.model.state_logical_axes(config, s)`.
+    shapes: the arrays (or `jax.ShapeDtypeStruct`s) the shardings are for.
+    mesh, rules: the mesh and the logical axis -> mesh axes rules (`logical_to_spec`).
+  """
   return jax.tree.map(
-    lambda n, s: NamedSharding(mesh, logical_to_spec(n, s.shape, mesh, rules)),
-    names,
+    lambda names, x: NamedSharding(mesh, logical_to_spec(names, x.shape, mesh, rules)),
+    axes,
     shapes,
-    is_leaf=lambda x: x is None or isinstance(x, tuple),
+    is_leaf=_is_axes,
   )
 
 
+def param_shardings(axes, shapes, mesh: Mesh, rules=DEFAULT_RULES) -> dict:
+  """NamedSharding per parameter (MaxText's `param_shardings(logical_axes_tree, mesh)`):
+  `axes = lola_jax.model.logical_axes(config)`, `shapes` the (abstract) parameters."""
+  return logical_shardings(axes, shapes, mesh, rules)
+
+
 def opt_state_shardings(tx: optax.GradientTransformation, params_abstract, param_sh, mesh: Mesh):
-  """Optimizer-state shardings: moments follow their parameter, everything else replicated."""
+  """Optimizer-state shardings: moments follow their parameter, everything else replicated.
+
+  Leaves an `optax.masked` optimizer keeps no state for (`MaskedNode`) stay `MaskedNode`.
+  """
   state = jax.eval_shape(tx.init, params_abstract)
   replicated = NamedSharding(mesh, P())
+  masked = lambda x: isinstance(x, optax.MaskedNode)
   return optax.tree_map_params(
     tx,
-    lambda _, sh: sh,
+    lambda v, sh: v if masked(v) else sh,
     state,
     param_sh,
     transform_non_params=lambda _: replicated,
+    is_leaf=masked,
   )
 
 
@@ -169,30 +193,6 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
-
-
-def decode_state_shardings(states, mesh: Mesh) -> Any:
-  """Shardings for per-layer decode states: batch over ("data","fsdp"), kv heads over tensor.
-
-  Works for `LoLAState` ([B, Hkv, ...] leaves), `LinearState` ([B, Hkv, ...]) and `KVCache`
-  ([B, S, Hkv, d]); dimensions that do not divide stay replicated.
-  """
-  from lola_jax.layers import KVCache
-
-  def one(layer_state):
-    head_axis = 2 if isinstance(layer_state, KVCache) else 1
-
-    def leaf(x):
-      names = [None] * x.ndim
-      if x.ndim >= 1:
-        names[0] = "batch"
-      if x.ndim >= 3:
-        names[head_axis] = "kv_heads"
-      return NamedSharding(mesh, logical_to_spec(names, x.shape, mesh))
-
-    return jax.tree.map(leaf, layer_state)
-
-  return tuple(one(s) for s in states)
 
 
 def check_batch(batch_size: int, mesh: Mesh, field: str = "train.batch_size") -> None:

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from hf_helpers import VARIANTS, hf_logits, save_tiny_llama
 
-from lola_jax import layers, model
+from lola_jax import model
 from lola_jax.convert import load_hf_llama
+from lola_jax.model import layers
 
 TOKENS = np.random.RandomState(0).randint(0, 97, (2, 40))
 

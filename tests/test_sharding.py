@@ -75,13 +75,14 @@ def _child(kinds):
   # Decode states: batch over (data, fsdp), kv heads over tensor.
   from flax import nnx
 
-  from lola_jax.model import LoLALM
+  from lola_jax.model import LoLALM, state_logical_axes
 
   c = tiny_config()
   mc = trainer.model_config_from(c).replace(attention="lola")
   mesh = sharding_lib.make_mesh(sharding_lib.MeshConfig(data=2, fsdp=2, tensor=2))
   states = LoLALM(mc, rngs=nnx.Rngs(0)).init_states(8)
-  placed = jax.device_put(states, sharding_lib.decode_state_shardings(states, mesh))
+  axes = state_logical_axes(mc, states)
+  placed = jax.device_put(states, sharding_lib.logical_shardings(axes, states, mesh))
   out["decode_state_spec"] = str(placed[0].linear_h.sharding.spec)
   for kind in kinds:
     host_state = None

@@ -123,7 +123,7 @@ def _decode(kind: str, context: int, layers: int, steps: int, chunk: int, cache:
   stops = jnp.asarray([-1], jnp.int32)
 
   def run(states, logits, count):
-    out = gen._decode_block(
+    out = gen.decode_block(
       cfg,
       params,
       states,

@@ -52,10 +52,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lola_jax import layers
 from lola_jax.core.config import LoLAConfig
-from lola_jax.feature_maps import FeatureMap
-from lola_jax.model import ModelConfig, abstract_model
+from lola_jax.model import ModelConfig, abstract_model, layers
+from lola_jax.model.feature_maps import FeatureMap
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 SUPPORTED_MODEL_TYPES = ("llama",)
@@ -140,12 +139,26 @@ def _safetensors_files(path: str) -> list[str]:
 
 
 def read_hf_config(path: str) -> dict:
-  """The checkpoint's config.json as a dict."""
+  """The checkpoint's config.json as a dict (ValueError naming the file if it is not a JSON
+  object)."""
   f = os.path.join(path, "config.json")
   if not os.path.exists(f):
     raise ValueError(f"no config.json in {path!r}")
   with open(f) as fh:
-    return json.load(fh)
+    try:
+      hf = json.load(fh)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{f}: config.json is not valid JSON ({e})") from e
+  if not isinstance(hf, dict):
+    raise ValueError(f"{f}: config.json must hold a JSON object, got {type(hf).__name__}")
+  return hf
+
+
+def _required(entries: dict, field: str, where: str = "config.json"):
+  """entries[field], or a ValueError naming the file (section) and the missing field."""
+  if field not in entries or entries[field] is None:
+    raise ValueError(f"{where} lacks the field {field!r} (required for a Llama checkpoint)")
+  return entries[field]
 
 
 def _rope(hf: dict) -> tuple[float, layers.RopeScaling | None]:
@@ -155,17 +168,23 @@ def _rope(hf: dict) -> tuple[float, layers.RopeScaling | None]:
   if hf.get("rope_scaling"):
     params = {**hf["rope_scaling"], **params}
   kind = params.get("rope_type", params.get("type", "default"))
+  section = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
+  where = f"config.json: {section} (rope_type {kind!r})"
   if kind == "default":
     return float(theta), None
   if kind == "linear":
-    return float(theta), layers.RopeScaling("linear", factor=float(params["factor"]))
+    return float(theta), layers.RopeScaling(
+      "linear", factor=float(_required(params, "factor", where))
+    )
   if kind == "llama3":
     return float(theta), layers.RopeScaling(
       "llama3",
-      factor=float(params["factor"]),
-      low_freq_factor=float(params["low_freq_factor"]),
-      high_freq_factor=float(params["high_freq_factor"]),
-      original_max_position_embeddings=int(params["original_max_position_embeddings"]),
+      factor=float(_required(params, "factor", where)),
+      low_freq_factor=float(_required(params, "low_freq_factor", where)),
+      high_freq_factor=float(_required(params, "high_freq_factor", where)),
+      original_max_position_embeddings=int(
+        _required(params, "original_max_position_embeddings", where)
+      ),
     )
   raise ValueError(
     f"config.json rope_type {kind!r} is not supported (supported: default, linear, llama3)"
@@ -194,21 +213,21 @@ def hf_model_config(
   for flag in ("attention_bias", "mlp_bias"):
     if hf.get(flag):
       raise ValueError(f"config.json {flag}=true is not supported (no biases in LoLALM)")
-  num_heads = hf["num_attention_heads"]
-  head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads
+  num_heads = _required(hf, "num_attention_heads")
+  head_dim = hf.get("head_dim") or _required(hf, "hidden_size") // num_heads
   theta, scaling = _rope(hf)
   lola_kw = {k: overrides.pop(k) for k in list(overrides) if k in _LOLA_FIELDS}
   unknown = set(overrides) - _MODEL_FIELDS
   if unknown:
     raise ValueError(f"unknown override(s) {sorted(unknown)}: not ModelConfig/LoLAConfig fields")
   fields = dict(
-    vocab_size=hf["vocab_size"],
-    num_layers=hf["num_hidden_layers"],
-    d_model=hf["hidden_size"],
+    vocab_size=_required(hf, "vocab_size"),
+    num_layers=_required(hf, "num_hidden_layers"),
+    d_model=_required(hf, "hidden_size"),
     num_heads=num_heads,
     num_kv_heads=hf.get("num_key_value_heads") or num_heads,
     head_dim=head_dim,
-    mlp_dim=hf["intermediate_size"],
+    mlp_dim=_required(hf, "intermediate_size"),
     attention=attention,
     feature_map="hedgehog",
     feature_dim=head_dim,
@@ -228,14 +247,26 @@ def hf_model_config(
 # Weights.
 
 
+def check_weight(name: str, x: np.ndarray) -> np.ndarray:
+  """`x` as float32; ValueError naming the tensor if it is not floating point or holds NaN/Inf
+  (a weight file that would otherwise load and give NaN logits)."""
+  if not jnp.issubdtype(x.dtype, jnp.floating):  # (jnp knows ml_dtypes' bfloat16 and float8)
+    raise ValueError(f"tensor {name!r} has dtype {x.dtype.name}, expected floating point")
+  y = np.asarray(x, np.float32)
+  bad = int(y.size - np.count_nonzero(np.isfinite(y)))
+  if bad:
+    raise ValueError(f"tensor {name!r} holds {bad} NaN/Inf value(s) of {y.size}")
+  return y
+
+
 def _take(tensors: _Tensors, name: str, shape: tuple[int, ...]) -> np.ndarray:
-  """`tensors[name]` as float32, checked to have `shape`."""
+  """`tensors[name]` as float32, checked to have `shape`, a float dtype and finite values."""
   if name not in tensors:
     raise ValueError(f"missing tensor {name!r} in the checkpoint")
   x = tensors.get(name)
   if tuple(x.shape) != tuple(shape):
     raise ValueError(f"tensor {name!r} has shape {tuple(x.shape)}, expected {tuple(shape)}")
-  return np.asarray(x, np.float32)
+  return check_weight(name, x)
 
 
 def llama_params(
@@ -386,7 +417,7 @@ def load_hf_llama(
     if "feature_map_q" in first:
       overrides.setdefault("feature_dim", int(first["feature_map_q"].shape[-1]))
     overrides.setdefault("mix", "lolcats")
-    hq = hf["num_attention_heads"]
+    hq = _required(hf, "num_attention_heads")
     hkv = hf.get("num_key_value_heads") or hq
     kv_repeat = hq // hkv
     overrides["num_kv_heads"] = hq

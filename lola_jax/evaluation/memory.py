@@ -19,6 +19,8 @@ the full KV cache grows with T. `LoLAState.nbytes()` of an allocated state equal
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 
@@ -78,30 +80,18 @@ def equal_memory_chunk(
 
   The window holds 2C' tokens, so C' ~ C + lam/2 (slightly less: the cache also stores positions).
   """
-  target = lola_state_bytes(
+  one_head = functools.partial(
+    lola_state_bytes,
     num_layers=1,
     num_kv_heads=1,
     key_dim=key_dim,
     value_dim=value_dim,
     feature_dim=feature_dim,
-    chunk_size=chunk_size,
-    cache_size=cache_size,
     kv_dtype=kv_dtype,
   )
+  target = one_head(chunk_size=chunk_size, cache_size=cache_size)
   wide = chunk_size
-  while (
-    lola_state_bytes(
-      num_layers=1,
-      num_kv_heads=1,
-      key_dim=key_dim,
-      value_dim=value_dim,
-      feature_dim=feature_dim,
-      chunk_size=wide + 1,
-      cache_size=0,
-      kv_dtype=kv_dtype,
-    )
-    <= target
-  ):
+  while one_head(chunk_size=wide + 1, cache_size=0) <= target:
     wide += 1
   return wide
 
@@ -109,29 +99,32 @@ def equal_memory_chunk(
 def model_state_bytes(config, context: int) -> int:
   """Decode-state bytes of a `lola_jax.model.ModelConfig` after `context` tokens (one row).
 
-  softmax: the full KV cache of `context` tokens; hybrid / lola: the LoLA state (capacities, layer
-  by layer when `layer_cache_sizes` is set); linear: the linear state only.
+  By what the attention kind's state holds (`config.kind`): a full KV cache (softmax) counts
+  `context` tokens; a windowed state (hybrid / lola) counts its capacities, layer by layer when
+  `layer_cache_sizes` is set; otherwise (linear) the linear state only.
   """
-  common = {
-    "num_layers": config.num_layers,
-    "num_kv_heads": config.num_kv_heads,
-    "key_dim": config.head_dim,
-    "value_dim": config.head_dim,
-  }
-  if config.attention == "softmax":
-    return full_kv_bytes(context, kv_dtype=config.dtype, **common)
-  if config.attention == "linear":
-    d = config.phi_dim
+  shape = {"num_kv_heads": config.num_kv_heads, "key_dim": config.head_dim}
+  if config.kind.full_kv_cache:
+    return full_kv_bytes(
+      context,
+      num_layers=config.num_layers,
+      value_dim=config.head_dim,
+      kv_dtype=config.dtype,
+      **shape,
+    )
+  d = config.phi_dim
+  if not config.kind.windowed:
     return config.num_layers * config.num_kv_heads * (d * config.head_dim + d) * 4
-  per_layer = [config.layer_config(i).lola_config for i in range(config.num_layers)]
-  common["num_layers"] = 1
+  layers = [config.layer_config(i).lola_config for i in range(config.num_layers)]
   return sum(
     lola_state_bytes(
-      feature_dim=config.phi_dim,
+      num_layers=1,
+      value_dim=config.head_dim,
+      feature_dim=d,
       chunk_size=lola.chunk_size,
       cache_size=lola.cache_size,
       kv_dtype=config.dtype,
-      **common,
+      **shape,
     )
-    for lola in per_layer
+    for lola in layers
   )

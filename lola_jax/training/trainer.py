@@ -43,6 +43,7 @@ from lola_jax.training import metrics as metrics_lib
 from lola_jax.training import optim as optim_lib
 from lola_jax.training import steps as steps_lib
 from lola_jax.training import workdir_lock
+from lola_jax.training.trainable import trainable_mask
 
 MODES = ("lm", "distill")
 
@@ -149,7 +150,7 @@ def setup(config, task=None, eval_task=None) -> Setup:
       f"({task.vocab_size})"
     )
   if mode == "distill":
-    if model_config.attention not in ("hybrid", "lola", "linear"):
+    if not model_config.kind.uses_feature_maps:
       raise ValueError(
         f"model.attention must be hybrid, lola or linear in distill mode, got "
         f"{model_config.attention!r}"
@@ -166,8 +167,8 @@ def setup(config, task=None, eval_task=None) -> Setup:
     stages = ((finetune, config.distill.finetune_lr, config.distill.finetune_warmup_steps),)
   schedule = optim_lib.make_schedule(config.optim, config.train.steps, stages)
   tx = optim_lib.make_optimizer(config.optim, schedule)
-  param_sh = sharding_lib.param_shardings(model_config, mesh)
   shapes = jax.eval_shape(lambda: model_lib.init_params(model_config, jax.random.key(0)))
+  param_sh = sharding_lib.param_shardings(model_lib.logical_axes(model_config), shapes, mesh)
   abstract_params = jax.tree.map(
     lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, param_sh
   )
@@ -285,9 +286,9 @@ def model_flops_per_token(mc: model_lib.ModelConfig, seq_len: int) -> float:
   )
   per_layer = e * (hq + 2 * hkv) * d + hq * d * e + 3 * e * m
   n = mc.num_layers * per_layer + e * v
-  if mc.attention == "softmax":
+  if mc.kind.full_kv_cache:
     attn = 2 * 2 * hq * d * seq_len / 2  # causal QK^T and AV, half the square
-  elif mc.attention == "linear":
+  elif not mc.kind.windowed:
     attn = 2 * 2 * hq * d * mc.phi_dim
   else:
     window = 1.5 * mc.lola.chunk_size + mc.lola_config.cache_size
@@ -361,7 +362,7 @@ def _train(config, workdir: str, s: Setup, ckpt: ckpt_lib.Checkpointer) -> dict:
       print(f"Nothing to train: the run is complete at step {start}", flush=True)
 
   main_kind = "distill" if mode == "distill" else "lm"
-  main_mask = model_lib.trainable_mask(
+  main_mask = trainable_mask(
     mc, s.abstract_params, "feature_maps" if mode == "distill" else "all"
   )
   train_main = steps_lib.jit_train_step(
@@ -389,7 +390,7 @@ def _train(config, workdir: str, s: Setup, ckpt: ckpt_lib.Checkpointer) -> dict:
       s.opt_sh,
       kind="lm",
       accum=config.train.grad_accum_steps,
-      mask=model_lib.trainable_mask(mc, s.abstract_params, finetune_params),
+      mask=trainable_mask(mc, s.abstract_params, finetune_params),
     )
   eval_fn = steps_lib.jit_eval_step(mc, mesh, s.param_sh, kind="lm")
   batch_sh = sharding_lib.batch_sharding(mesh)

@@ -1,12 +1,13 @@
-"""Building blocks of the LoLA language model: norms, rotary positions, MLP, and the math of the
-softmax and linear attention kinds with their decode caches.
+"""Building blocks of the LoLA language model: norms, rotary positions, MLP, softmax attention
+with its KV cache, and the linear-attention state.
 
 Legend: B batch, T query time, S key time (cache slots), Hq query heads, Hkv key/value heads,
 G = Hq // Hkv (query heads per kv head), d head_dim, D feature width, E d_model, M mlp_dim.
 
-Modules hold parameters (float32) annotated with `logical_axes` metadata that `sharding.py`
-maps onto the mesh; compute happens in the module's `dtype`. Norms, softmax and all attention
-accumulators are float32.
+Modules hold parameters (float32) annotated with `logical_axes` metadata (the names
+`lola_jax.model.logical_axes` collects and `lola_jax.sharding` maps onto a mesh); compute happens
+in the module's `dtype`. Norms, softmax and all attention accumulators are float32. The linear
+attention itself is the kernels' (`pallas_kernels.linear_attention`).
 """
 
 from __future__ import annotations
@@ -213,8 +214,14 @@ class KVCache:
   v: jax.Array
   num_tokens: jax.Array
 
+  def logical_axes(self) -> KVCache:
+    """The logical axis names of every leaf (a KVCache of tuples), for `lola_jax.sharding`."""
+    slots = ("batch", None, "kv_heads", None)
+    return KVCache(k=slots, v=slots, num_tokens=("batch",))
+
 
 def init_kv_cache(batch: int, max_len: int, num_kv_heads: int, head_dim: int, dtype) -> KVCache:
+  """An empty cache of `max_len` slots per row."""
   z = jnp.zeros((batch, max_len, num_kv_heads, head_dim), dtype)
   return KVCache(k=z, v=z, num_tokens=jnp.zeros((batch,), jnp.int32))
 
@@ -286,49 +293,17 @@ class LinearState:
   s: jax.Array
   num_tokens: jax.Array
 
+  def logical_axes(self) -> LinearState:
+    """The logical axis names of every leaf (a LinearState of tuples), for `lola_jax.sharding`."""
+    return LinearState(
+      h=("batch", "kv_heads", None, None), s=("batch", "kv_heads", None), num_tokens=("batch",)
+    )
+
 
 def init_linear_state(batch: int, num_kv_heads: int, feature_dim: int, value_dim: int):
+  """An empty `LinearState` (H = 0, s = 0, no tokens)."""
   return LinearState(
     h=jnp.zeros((batch, num_kv_heads, feature_dim, value_dim), jnp.float32),
     s=jnp.zeros((batch, num_kv_heads, feature_dim), jnp.float32),
     num_tokens=jnp.zeros((batch,), jnp.int32),
   )
-
-
-def linear_attention(
-  phi_q: jax.Array,
-  phi_k: jax.Array,
-  v: jax.Array,
-  state: LinearState,
-  lengths: jax.Array,
-  eps: float = 1e-6,
-) -> tuple[jax.Array, LinearState]:
-  """Causal normalised linear attention, parallel (quadratic) form, continuing from `state`.
-
-      y_t = phi_q(q_t)^T (H0 + sum_{i<=t} phi_k(k_i) v_i^T)
-          / (phi_q(q_t)^T (s0 + sum_{i<=t} phi_k(k_i)) + eps)
-
-  Args:
-    phi_q: [B, T, Hq, D]; phi_k: [B, T, Hkv, D]; v: [B, T, Hkv, d]; lengths: int [B] (tokens at
-    t >= lengths[b] are padding and leave the state untouched).
-
-  Returns:
-    y [B, T, Hq, d] in v.dtype and the updated state.
-  """
-  b, t, hq, dd = phi_q.shape
-  hkv = phi_k.shape[2]
-  valid = (jnp.arange(t)[None, :] < lengths[:, None]).astype(jnp.float32)  # [B, T]
-  pk = phi_k.astype(jnp.float32) * valid[:, :, None, None]
-  v32 = v.astype(jnp.float32)
-  pq = phi_q.astype(jnp.float32).reshape(b, t, hkv, hq // hkv, dd)
-  causal = jnp.tril(jnp.ones((t, t), jnp.float32))
-  a = jnp.einsum("btkgf,bskf->bkgts", pq, pk) * causal  # [B, Hkv, G, T, S]
-  num = jnp.einsum("bkgts,bskd->btkgd", a, v32) + jnp.einsum("btkgf,bkfd->btkgd", pq, state.h)
-  den = jnp.einsum("bkgts->btkg", a) + jnp.einsum("btkgf,bkf->btkg", pq, state.s)
-  y = num / (den[..., None] + eps)
-  new_state = LinearState(
-    h=state.h + jnp.einsum("bskf,bskd->bkfd", pk, v32),
-    s=state.s + jnp.sum(pk, axis=1),
-    num_tokens=state.num_tokens + lengths.astype(jnp.int32),
-  )
-  return y.reshape(b, t, hq, v.shape[-1]).astype(v.dtype), new_state

@@ -1,0 +1,299 @@
+"""The attention kinds of the LoLA model: one module class per kind, chosen in one place.
+
+Legend: B batch, T time, E d_model, Hq query heads, Hkv key/value heads, d head_dim, D feature
+width of phi, P prior positions.
+
+`ATTENTION_KINDS` maps `ModelConfig.attention` to its class; `ModelConfig.kind` looks it up, and
+everything that depends on the kind asks the class (recurrentgemma's pattern: each block type
+owns its cache and `init_cache`):
+
+  kind     class              decode state                     mixing of q, k, v
+  softmax  SoftmaxAttention   `KVCache` of max_len slots       exact causal softmax
+  linear   LinearAttention    `LinearState` (H, s)             `pallas_kernels.linear_attention`
+  hybrid   HybridAttention    `LoLAState`, cache_size 0         window + linear (LoLCATs); the
+                                                               training forward is the fused
+                                                               `pallas_kernels.hybrid_attention`
+  lola     LoLAAttention      `LoLAState`                      window + sparse cache + linear
+
+Every kind owns the same parameters (projections, feature maps and gates exist even when softmax
+ignores them), so one set of weights can be evaluated under any kind. Traits for code that must
+not compare kind names: `full_kv_cache` (the state holds every token), `windowed` (a `LoLAState`),
+`uses_feature_maps` (the linear branch takes part: what distillation trains).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lola_jax.core.scan import lola_decode, lola_prefill
+from lola_jax.core.state import init_state
+from lola_jax.model import layers
+from lola_jax.model.feature_maps import FeatureMap, Gate
+from pallas_kernels import hybrid_attention, linear_attention
+
+
+def _projection(eqn, shape, axes, fan_in, dtype, rngs):
+  return layers.DenseGeneral(eqn, shape, axes, fan_in=fan_in, dtype=dtype, rngs=rngs)
+
+
+class Attention(nnx.Module):
+  """GQA attention with rotary positions, feature maps and gates: what every kind shares.
+
+  A kind subclasses it and defines `init_state`, `state_axes` and `attend` (the mixing of q, k,
+  v); `config` is a `ModelConfig` whose `attention` names the kind.
+  """
+
+  full_kv_cache = False  # the decode state holds every token (sized by max_len)
+  windowed = False  # the decode state is a LoLAState (window [+ sparse cache] + linear state)
+  uses_feature_maps = True  # the linear branch (feature maps, gates) takes part
+
+  def __init__(self, config, *, rngs: nnx.Rngs):
+    c = config
+    dt = c.compute_dtype
+    self.config = c
+    e, hq, hkv, d = c.d_model, c.num_heads, c.num_kv_heads, c.head_dim
+    kv_axes = ("embed", "kv_heads", "head_dim")
+    self.q_proj = _projection(
+      "bte,ehd->bthd", (e, hq, d), ("embed", "heads", "head_dim"), e, dt, rngs
+    )
+    self.k_proj = _projection("bte,ehd->bthd", (e, hkv, d), kv_axes, e, dt, rngs)
+    self.v_proj = _projection("bte,ehd->bthd", (e, hkv, d), kv_axes, e, dt, rngs)
+    self.o_proj = _projection(
+      "bthd,hde->bte", (hq, d, e), ("heads", "head_dim", "embed"), hq * d, dt, rngs
+    )
+    self.phi_q = FeatureMap(c.feature_map, hq, d, c.feature_dim, heads_axis="heads", rngs=rngs)
+    self.phi_k = FeatureMap(c.feature_map, hkv, d, c.feature_dim, heads_axis="kv_heads", rngs=rngs)
+    self.gate = Gate(hq, init=c.gate_init)
+
+  # What the kind is (class-level: asked with a ModelConfig, no module needed).
+
+  @classmethod
+  def lola_config(cls, config):
+    """The `LoLAConfig` the kind runs with (`config.lola`; the hybrid forces cache_size 0)."""
+    return config.lola
+
+  @classmethod
+  def stacks_selection(cls, config) -> bool:
+    """Whether layers hand their sparse-cache positions to the layer above (`hand_up`)."""
+    del config
+    return False
+
+  @staticmethod
+  def state_axes(state):
+    """Logical axis names of a decode state's leaves (same structure), for `lola_jax.sharding`."""
+    return state.logical_axes()
+
+  # The layer.
+
+  def init_state(self, batch: int, max_len: int | None = None):
+    """An empty decode state of this kind for `batch` rows."""
+    raise NotImplementedError
+
+  def hand_up(self, state):
+    """What this layer hands to the layer above after a step: int [B, P] prior positions, or
+    None (only LoLA with policy "sre_below" hands anything up)."""
+    del state
+    return None
+
+  def qkv(self, x: jax.Array, positions: jax.Array):
+    """x [B, T, E], positions int [B, T] -> q [B,T,Hq,d], k, v [B,T,Hkv,d] (rotary applied)."""
+    c = self.config
+    r = c.rotary_dim
+    q = layers.apply_rope(self.q_proj(x), positions, c.rope_theta, c.rope_scaling, r)
+    k = layers.apply_rope(self.k_proj(x), positions, c.rope_theta, c.rope_scaling, r)
+    return q, k, self.v_proj(x)
+
+  def attend(self, q, k, v, positions, state, lengths, *, decode: bool, prior):
+    """The kind's mixing of q [B,T,Hq,d], k, v [B,T,Hkv,d]; returns (y [B,T,Hq,d], state).
+
+    `state=None` means a fresh sequence in training mode: no state is built or returned.
+    `lengths` int [B]: tokens t >= lengths[b] are padding. `prior`: what the layer below handed
+    up (`hand_up`), or None.
+    """
+    raise NotImplementedError
+
+  def __call__(
+    self, x, positions, state=None, lengths=None, *, decode=False, distill=False, prior=None
+  ):
+    """x [B, T, E] -> (out [B, T, E], state, distill_mse or None).
+
+    With `distill=True` the layer's output is the exact softmax attention (the teacher) and the
+    third result is the mean squared error between this kind's output and it, on the same q, k,
+    v: LoLCATs' attention transfer.
+    """
+    q, k, v = self.qkv(x, positions)
+    b, t = x.shape[:2]
+    if lengths is None:
+      lengths = jnp.full((b,), t, jnp.int32)
+    y, state = self.attend(q, k, v, positions, state, lengths, decode=decode, prior=prior)
+    mse = None
+    if distill:
+      target = layers.softmax_attention(
+        q, k, v, positions, positions, jnp.ones((b, t), bool), self.config.lola.scale(q.shape[-1])
+      )
+      mse = jnp.mean(jnp.square(y.astype(jnp.float32) - target.astype(jnp.float32)))
+      y = target
+    return self.o_proj(y), state, mse
+
+
+class SoftmaxAttention(Attention):
+  """Exact causal softmax attention; decode state: a `KVCache` of max_len slots."""
+
+  full_kv_cache = True
+  uses_feature_maps = False
+
+  def init_state(self, batch: int, max_len: int | None = None):
+    c = self.config
+    return layers.init_kv_cache(
+      batch, max_len or c.max_seq_len, c.num_kv_heads, c.head_dim, c.compute_dtype
+    )
+
+  def attend(self, q, k, v, positions, state, lengths, *, decode: bool, prior):
+    del decode, prior
+    scale = self.config.lola.scale(self.config.head_dim)
+    if state is None:
+      valid = jnp.ones(q.shape[:2], bool)
+      return layers.softmax_attention(q, k, v, positions, positions, valid, scale), None
+    state = layers.kv_cache_write(state, k, v, lengths)
+    return layers.kv_cache_attention(state, q, positions, scale), state
+
+
+class LinearAttention(Attention):
+  """Normalised linear attention over every past token; decode state: a `LinearState`.
+
+      y_t = phi_q(q_t)^T (H0 + sum_{i<=t} phi_k(k_i) v_i^T)
+          / (phi_q(q_t)^T (s0 + sum_{i<=t} phi_k(k_i)) + linear_eps)
+
+  computed by `pallas_kernels.linear_attention` (chunk `lola.chunk_size`, `lola.implementation`);
+  padding tokens (t >= lengths[b]) enter with phi_k = 0, so they leave the state untouched.
+  """
+
+  def init_state(self, batch: int, max_len: int | None = None):
+    del max_len
+    c = self.config
+    return layers.init_linear_state(batch, c.num_kv_heads, c.phi_dim, c.head_dim)
+
+  def attend(self, q, k, v, positions, state, lengths, *, decode: bool, prior):
+    del positions, decode, prior
+    c = self.config
+    t = q.shape[1]
+    valid = (jnp.arange(t)[None, :] < lengths[:, None]).astype(jnp.float32)  # [B, T]
+    phi_k = self.phi_k(k) * valid[:, :, None, None]
+    y, (h, s) = linear_attention(
+      self.phi_q(q),
+      phi_k,
+      v,
+      chunk_size=min(c.lola.chunk_size, t),
+      initial_state=None if state is None else (state.h, state.s),
+      eps=c.linear_eps,
+      implementation=c.lola.implementation,
+    )
+    y = y.astype(v.dtype)
+    if state is None:
+      return y, None
+    return y, layers.LinearState(h=h, s=s, num_tokens=state.num_tokens + lengths.astype(jnp.int32))
+
+
+class _WindowedAttention(Attention):
+  """The kinds whose decode state is a `LoLAState`: the core's `lola_prefill` / `lola_decode`."""
+
+  windowed = True
+
+  @staticmethod
+  def state_axes(state):
+    # Every LoLAState leaf is [B, Hkv, ...] except num_tokens [B].
+    def axes(x):
+      return ("batch",) if x.ndim == 1 else ("batch", "kv_heads") + (None,) * (x.ndim - 2)
+
+    return jax.tree.map(axes, state)
+
+  def init_state(self, batch: int, max_len: int | None = None):
+    del max_len
+    c = self.config
+    return init_state(
+      c.lola_config,
+      batch=batch,
+      num_kv_heads=c.num_kv_heads,
+      key_dim=c.head_dim,
+      value_dim=c.head_dim,
+      feature_dim=c.phi_dim,
+      dtype=c.compute_dtype,
+    )
+
+  def fresh_forward(self, q, k, v, phi_q, phi_k, gate) -> jax.Array:
+    """The training forward from an empty state (no state built): y [B, T, Hq, d]."""
+    return lola_prefill(q, k, v, phi_q, phi_k, gate, config=self.config.lola_config)[0]
+
+  def attend(self, q, k, v, positions, state, lengths, *, decode: bool, prior):
+    del positions
+    config = self.config.lola_config
+    phi_q, phi_k, gate = self.phi_q(q), self.phi_k(k), self.gate()
+    below = {} if prior is None else {"prior_positions": prior}
+    if decode:
+      xs = (x[:, 0] for x in (q, k, v, phi_q, phi_k))
+      y, state = lola_decode(*xs, gate, config=config, state=state, **below)
+      return y[:, None], state
+    if state is None:
+      return self.fresh_forward(q, k, v, phi_q, phi_k, gate), None
+    return lola_prefill(
+      q, k, v, phi_q, phi_k, gate, config=config, state=state, lengths=lengths, **below
+    )
+
+
+class HybridAttention(_WindowedAttention):
+  """LoLCATs: sliding window + linear attention, i.e. LoLA with cache_size 0.
+
+  Its training forward is `pallas_kernels.hybrid_attention` (Pallas on TPU, its XLA form on
+  GPU/CPU, a custom backward); `lola.implementation="reference"` runs the core scan instead.
+  """
+
+  @classmethod
+  def lola_config(cls, config):
+    return dataclasses.replace(config.lola, cache_size=0)
+
+  def fresh_forward(self, q, k, v, phi_q, phi_k, gate) -> jax.Array:
+    lola = self.config.lola
+    if lola.implementation == "reference":
+      return super().fresh_forward(q, k, v, phi_q, phi_k, gate)
+    return hybrid_attention(
+      q,
+      k,
+      v,
+      phi_q,
+      phi_k,
+      gate,
+      chunk_size=lola.chunk_size,
+      mix=lola.mix,
+      softmax_scale=lola.softmax_scale,
+      implementation=lola.implementation,
+    )
+
+
+class LoLAAttention(_WindowedAttention):
+  """Sliding window + sparse cache + linear attention (`ModelConfig.lola`).
+
+  With policy "sre_below" a layer hands its cached positions up (`hand_up`): the layer above
+  ranks them first when it selects its own cache.
+  """
+
+  @classmethod
+  def stacks_selection(cls, config) -> bool:
+    return config.lola.policy == "sre_below"
+
+  def hand_up(self, state):
+    if not self.stacks_selection(self.config):
+      return None
+    positions = state.cache_positions  # [B, Hkv, L]
+    return positions.reshape(positions.shape[0], -1)  # [B, Hkv * L]
+
+
+ATTENTION_KINDS: dict[str, type[Attention]] = {
+  "softmax": SoftmaxAttention,
+  "linear": LinearAttention,
+  "hybrid": HybridAttention,
+  "lola": LoLAAttention,
+}
