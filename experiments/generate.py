@@ -142,12 +142,21 @@ def main(argv):
     chunk_size=FLAGS.chunk_size,
     cache_size=FLAGS.cache_size,
   )
-  if FLAGS.prompt_ids:
-    prompt = [int(x) for x in FLAGS.prompt_ids.split(",")]
+  if FLAGS.prompt_ids is not None:  # given, even empty: an empty list is an empty prompt
+    try:
+      prompt = [int(x) for x in FLAGS.prompt_ids.split(",") if x.strip()]
+    except ValueError as e:
+      raise app.UsageError(
+        f"--prompt_ids must be comma-separated integers, got {FLAGS.prompt_ids!r}"
+      ) from e
   else:
     prompt = list(tokenizer.encode(FLAGS.prompt))
   if not prompt:
-    raise app.UsageError("empty prompt: pass --prompt or --prompt_ids")
+    raise app.UsageError("the prompt is empty: pass --prompt or --prompt_ids")
+  try:
+    gen.check_token_ids(prompt, mc.vocab_size, "--prompt_ids" if FLAGS.prompt_ids else "prompt")
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
   if FLAGS.stop_tokens:
     stops = tuple(int(s) for s in FLAGS.stop_tokens)
   sampling = gen.Sampling(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)

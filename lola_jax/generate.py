@@ -150,7 +150,8 @@ def prefill(config, params, prompts, lengths=None, *, max_len=None, state_shardi
 
   Args:
     config, params: the model (`model.ModelConfig`; a pure parameter dict or an `nnx.State`).
-    prompts: int [B, T] right-padded prompts; lengths: int [B] real tokens per row (default T).
+    prompts: int [B, T] right-padded prompts, ids in [0, V) (others raise ValueError: see
+      `check_token_ids`); lengths: int [B] real tokens per row (default T).
     max_len: KV-cache slots of a fresh softmax state (default config.max_seq_len; the other
       kinds ignore it).
     state_sharding: optional `StateSharding` constraint of the decode states.
@@ -159,6 +160,7 @@ def prefill(config, params, prompts, lengths=None, *, max_len=None, state_shardi
     (logits of each row's last real token float32 [B, V], per-layer states).
   """
   prompts = jnp.asarray(prompts, jnp.int32)
+  check_token_ids(prompts, config.vocab_size)
   if lengths is None:
     lengths = jnp.full(prompts.shape[:1], prompts.shape[1], jnp.int32)
   return _prefill(
@@ -241,7 +243,27 @@ class StateSharding:
     return isinstance(other, StateSharding) and other.shardings is self.shardings
 
 
-def _validate_prompts(prompts, lengths) -> np.ndarray:
+def check_token_ids(ids, vocab_size: int, name: str = "prompts") -> None:
+  """Raises ValueError naming the first token id outside [0, vocab_size) and where it is.
+
+  The embedding lookup would not: JAX gathers an id past the table as NaN (every logit NaN,
+  greedy decoding then emits token 0) and wraps a negative one to the end of the table. Every
+  position is checked, padding included (padding runs through the model too). Ids inside an
+  outer `jax.jit` (tracers) cannot be inspected and are passed through.
+  """
+  if isinstance(ids, jax.core.Tracer):
+    return
+  a = np.asarray(ids)
+  bad = (a < 0) | (a >= vocab_size)
+  if bad.any():
+    where = [int(i) for i in np.argwhere(bad)[0]]
+    raise ValueError(
+      f"{name}: token id {int(a[tuple(where)])} at {where} is outside the vocabulary of "
+      f"{vocab_size} tokens, [0, {vocab_size}) ({int(bad.sum())} such id(s))"
+    )
+
+
+def _validate_prompts(prompts, lengths, vocab_size: int) -> np.ndarray:
   if prompts.ndim != 2:
     raise ValueError(f"prompts must be int [B, T], got shape {prompts.shape}")
   if not jnp.issubdtype(prompts.dtype, jnp.integer):
@@ -252,6 +274,7 @@ def _validate_prompts(prompts, lengths) -> np.ndarray:
     raise ValueError(f"lengths must be int [{b}], got shape {lengths.shape}")
   if (lengths < 1).any() or (lengths > t).any():
     raise ValueError(f"lengths must be in [1, {t}] (every prompt needs a token), got {lengths}")
+  check_token_ids(prompts, vocab_size)
   return lengths
 
 
@@ -349,7 +372,7 @@ def generate_stream(
     sample_options: `decode_stream`'s sampling, key, stop_tokens, pad_id and final.
   """
   prompts = jnp.asarray(prompts)
-  lengths = _validate_prompts(prompts, lengths)
+  lengths = _validate_prompts(prompts, lengths, config.vocab_size)
   _validate_budget(max_new_tokens, block_size)
   b, t = prompts.shape
   # KV-cache slots (a full KV cache only; fixed-size states ignore it, so no recompilation per

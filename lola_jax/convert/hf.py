@@ -340,7 +340,7 @@ def read_lolcats(path: str) -> dict[int, dict[str, np.ndarray]]:
     if what.endswith(".bias"):
       raise ValueError(f"tensor {name!r}: feature-map biases are not supported")
     key = what.split(".")[0]
-    out.setdefault(int(mt.group(1)), {})[key] = np.asarray(tensors.get(name), np.float32)
+    out.setdefault(int(mt.group(1)), {})[key] = check_weight(name, tensors.get(name))
   if not out:
     raise ValueError(
       f"no LoLCATs tensors (layers.<i>.self_attn.feature_map_q.mlp.layer, ...) in {path!r}"
