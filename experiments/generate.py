@@ -13,6 +13,8 @@ The decode state of lola/hybrid has a fixed size: --max_new_tokens can be as lar
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import sys
 import time
@@ -21,6 +23,13 @@ import jax
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
+
+from lola_jax import generate as gen
+from lola_jax import model as model_lib
+from lola_jax.convert import load_hf_llama
+from lola_jax.data.tokenizer import ByteTokenizer
+from lola_jax.training.checkpoint import restore_params
+from lola_jax.training.trainer import model_config_from
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file of --workdir's run.")
@@ -53,7 +62,7 @@ class _Ids:
 
 class _HFTokenizer:
   def __init__(self, path):
-    from tokenizers import Tokenizer
+    from tokenizers import Tokenizer  # optional: only Hugging Face directories need it
 
     self.tok = Tokenizer.from_file(path)
 
@@ -65,11 +74,7 @@ class _HFTokenizer:
 
 
 def load_workdir(config, workdir: str):
-  """(ModelConfig, params, stop ids) of the newest checkpoint of a training run."""
-  from lola_jax import model as model_lib
-  from lola_jax.training.checkpoint import restore_params
-  from lola_jax.training.trainer import model_config_from
-
+  """(ModelConfig, params) of the newest checkpoint of a training run."""
   mc = model_config_from(config)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree.map(
@@ -84,13 +89,8 @@ def load_model(
   *, config=None, workdir=None, hf_path=None, lolcats_path=None, attention=None, **lola
 ):
   """(ModelConfig, params, tokenizer, default stop ids) from a workdir or an HF directory."""
-  import dataclasses
-  import json
-
   lola = {k: v for k, v in lola.items() if v is not None}
   if hf_path:
-    from lola_jax.convert import load_hf_llama
-
     kw = dict(attention=attention or "softmax", lolcats_path=lolcats_path)
     kw.update(lola)
     mc, params = load_hf_llama(hf_path, **kw)
@@ -102,8 +102,6 @@ def load_model(
     return mc, params, tokenizer, stops
   if not (config and workdir):
     raise app.UsageError("pass --hf_path, or --config and --workdir")
-  from lola_jax.data.tokenizer import ByteTokenizer
-
   mc, params = load_workdir(config, workdir)
   if attention or lola:
     mc = mc.replace(attention=attention or mc.attention, lola=dataclasses.replace(mc.lola, **lola))
@@ -112,8 +110,6 @@ def load_model(
 
 def stream_text(mc, params, tokenizer, prompt_ids, *, out=sys.stdout, **kwargs) -> np.ndarray:
   """Generates for one prompt, writing the text to `out` block by block; returns the ids."""
-  from lola_jax import generate as gen
-
   ids: list[int] = []
   shown = ""
   for block in gen.generate_stream(mc, params, np.asarray(prompt_ids, np.int32)[None], **kwargs):
@@ -131,8 +127,6 @@ def stream_text(mc, params, tokenizer, prompt_ids, *, out=sys.stdout, **kwargs) 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from lola_jax import generate as gen
-
   mc, params, tokenizer, stops = load_model(
     config=FLAGS.config,
     workdir=FLAGS.workdir,

@@ -13,6 +13,9 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from lola_jax import sharding
+from lola_jax.training import checkpoint, train_and_evaluate, workdir_lock
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl and TensorBoard events.")
@@ -25,11 +28,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from lola_jax import sharding
-
+  # First: importing lola_jax creates no backend, and jax.distributed must precede any.
   sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  from lola_jax.training import checkpoint, train_and_evaluate, workdir_lock
-
   try:
     result = train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except (workdir_lock.WorkdirLockedError, checkpoint.ConfigMismatchError) as e:

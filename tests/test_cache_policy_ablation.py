@@ -41,11 +41,12 @@ def _rel_rms(a, b):
 @pytest.mark.slow
 def test_cache_policy_ablation_tiny(tmp_path):
   from experiments.ablations import cache_policies as cp
+  from experiments.recall import nets
   from lola_jax.core.config import LoLAConfig
-  from lola_jax.data import retrieval_example
   from lola_jax.core.state import cached_positions
+  from lola_jax.data import retrieval_example
 
-  config, hybrid = cp.load_hybrid(PARAMS)
+  config, hybrid = nets.load_hybrid(PARAMS)
   setting = cp.Setting(**cp.QUICK)
   assert setting.context == 256 and setting.segment == CHUNK
 

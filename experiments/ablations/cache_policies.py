@@ -34,14 +34,13 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-# Imported before the flags below: the pipeline defines --preset and --params_dir too, and ours
-# (allow_override) replace them in this binary.
-from experiments.recall import pipeline
+from experiments.recall import nets
 from experiments.recall.presets import PRESETS
+from lola_jax import generate as gen
 from lola_jax.core.config import LoLAConfig
+from lola_jax.core.state import cached_positions
 from lola_jax.data import retrieval_example
 from lola_jax.evaluation import evaluate_mqar, exact_match
-from lola_jax.core.state import cached_positions
 
 FAMILIES = ("energy", "energy_global", "sre", "attention", "recency", "random")
 TASKS = ("passkey", "niah", "mqar")
@@ -82,6 +81,8 @@ _SRE_SIZES = flags.DEFINE_list(
 _BATCH = flags.DEFINE_integer("batch_size", 0, "Prompts per batch (0: max(1, 16384 // context)).")
 _OUT = flags.DEFINE_string("out", "docs/results/cache_policies.json", "JSON output ('' = none).")
 _FIG_DIR = flags.DEFINE_string("fig_dir", "docs/figures", "Figure directory ('' = no figures).")
+# allow_override: the recall pipeline and layer_budgets define --params_dir / --preset too, and a
+# process (the test suite) may import several binaries.
 _PARAMS_DIR = flags.DEFINE_string(
   "params_dir",
   "experiments/recall/params",
@@ -115,15 +116,6 @@ class Setting:
   @property
   def batch(self) -> int:
     return self.batch_size or max(1, 16384 // self.context)
-
-
-def load_hybrid(params_dir: str, preset: str = "demo"):
-  """(ModelConfig, LoLALM): the distilled recall hybrid from `params_dir`/hybrid.npz."""
-  path = os.path.join(params_dir, "hybrid.npz")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"no hybrid parameters at {path} (see experiments/recall/pipeline.py)")
-  overrides = list(PRESETS[preset]["overrides"])
-  return pipeline._load("experiments.configs.recall_distill", None, overrides, path)
 
 
 def policy_rows(
@@ -168,12 +160,6 @@ def _prefill_step(model, tokens, states):
   return logits, states, occupancy
 
 
-@nnx.jit
-def _decode_step(model, token, states):
-  logits, states = model.decode(token, states)
-  return jnp.argmax(logits, -1).astype(jnp.int32), states
-
-
 def segmented_prefill(model, tokens, segment: int):
   """Prefill `tokens` int [B, T] in segments of `segment` tokens, carrying the states.
 
@@ -192,18 +178,14 @@ def segmented_prefill(model, tokens, segment: int):
 
 
 def generate(model, prompts, num_new: int, segment: int):
-  """Greedy continuation after a segmented prefill.
+  """Greedy continuation after a segmented prefill (`lola_jax.generate.decode`).
 
   Returns:
     (tokens int [B, num_new], occupancy int [num_segments, B, layers, Hkv]).
   """
   logits, states, occupancy = segmented_prefill(model, prompts, segment)
-  token = jnp.argmax(logits[:, -1], -1).astype(jnp.int32)
-  out = [token]
-  for _ in range(num_new - 1):
-    token, states = _decode_step(model, token, states)
-    out.append(token)
-  return np.asarray(jnp.stack(out, 1)), occupancy
+  out = gen.decode(model.config, nnx.state(model), states, logits[:, -1], max_new_tokens=num_new)
+  return out.tokens, occupancy
 
 
 def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
@@ -498,7 +480,7 @@ def main(argv):
   unknown = sorted(set(_FAMILIES.value) - set(FAMILIES))
   if unknown or not _FAMILIES.value:
     raise app.UsageError(f"--families: unknown {unknown} (expected a subset of {FAMILIES})")
-  model_cfg, hybrid = load_hybrid(_PARAMS_DIR.value, _PRESET.value)
+  model_cfg, hybrid = nets.load_hybrid(_PARAMS_DIR.value, _PRESET.value)
   sre_sizes = tuple(int(x) for x in _SRE_SIZES.value)
   if _CAP.value < 1 or not sre_sizes or min(sre_sizes) < 1:
     raise app.UsageError(

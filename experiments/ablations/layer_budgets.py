@@ -38,9 +38,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-# Imported before the flags below: the pipeline defines --params_dir too (ours replaces it).
-from experiments.recall import pipeline
+from experiments.recall import nets
 from lola_jax.core.config import LoLAConfig
+from lola_jax.core.state import cached_positions
 from lola_jax.data import retrieval_example
 from lola_jax.evaluation import (
   evaluate_retrieval,
@@ -56,8 +56,9 @@ from lola_jax.evaluation.selection_probe import (
   replay_selection,
   secret_occurrences,
 )
-from lola_jax.core.state import LoLAState, cached_positions
 
+# allow_override: the recall pipeline and cache_policies define --params_dir too, and a process
+# may import several binaries.
 _PARAMS_DIR = flags.DEFINE_string(
   "params_dir", "experiments/recall/params", "teacher.npz / hybrid.npz", allow_override=True
 )
@@ -136,8 +137,8 @@ def budget_rows(hybrid, budgets, contexts, depths, samples, policy, log=print):
     )
     recorded = []
 
-    def record(states, recorded=recorded):
-      if isinstance(states[0], LoLAState):
+    def record(states, recorded=recorded, windowed=model.config.kind.windowed):
+      if windowed:  # a LoLAState: which positions its sparse cache holds
         recorded.append([np.asarray(cached_positions(s)) for s in states])
 
     start = time.time()
@@ -211,7 +212,7 @@ def main(argv):
   del argv
   contexts = [int(c) for c in _CONTEXTS.value]
   depths = [float(d) for d in _DEPTHS.value]
-  teacher, cfg, hybrid = pipeline.load_nets("", [], _PARAMS_DIR.value)
+  teacher, cfg, hybrid = nets.load_nets("", [], _PARAMS_DIR.value)
   all_size = max(contexts + [_PROBE_CONTEXT.value]) + 64
   budgets = [(b, parse_layer_caches(b, cfg.num_layers, all_size)) for b in _BUDGETS.value]
   print("== per-layer cache budgets (pass-key, greedy decoding) ==", flush=True)

@@ -20,13 +20,21 @@ without running a prefill of S tokens, then `--steps` decode steps are timed aft
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import resource
 import subprocess
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 from absl import app, flags
+
+from lola_jax import generate as gen
+from lola_jax import model
+from lola_jax.core.config import LoLAConfig
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("lengths", ["10000", "100000"], "Generated tokens for the flatness table.")
@@ -43,13 +51,6 @@ def _peak_rss_mib() -> float:
 
 
 def _flatness(n: int) -> dict:
-  import jax
-  import numpy as np
-
-  from lola_jax import generate as gen
-  from lola_jax import model
-  from lola_jax.core.config import LoLAConfig
-
   cfg = model.ModelConfig(
     vocab_size=256,
     num_layers=1,
@@ -82,15 +83,6 @@ def _flatness(n: int) -> dict:
 
 
 def _decode(kind: str, context: int, layers: int, steps: int, chunk: int, cache: int) -> dict:
-  import dataclasses
-
-  import jax
-  import jax.numpy as jnp
-
-  from lola_jax import generate as gen
-  from lola_jax import model
-  from lola_jax.core.config import LoLAConfig
-
   cfg = model.ModelConfig(
     vocab_size=32000,
     num_layers=layers,

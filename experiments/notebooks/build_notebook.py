@@ -157,7 +157,7 @@ import time
 
 import numpy as np
 
-from experiments.recall import pipeline
+from experiments.recall import grid, nets
 from experiments.recall.presets import PRESETS
 
 SETTINGS = {
@@ -229,7 +229,7 @@ from lola_jax import LoLAConfig, cached_positions, lola_decode, lola_prefill
 
 
 def show(fig):
-  # Displays a figure whatever the matplotlib backend (lola_jax.evaluation.plots selects Agg).
+  # Displays a figure whatever the matplotlib backend (experiments.reporting.plots selects Agg).
   display(fig)
   plt.close(fig)
 
@@ -369,11 +369,6 @@ else:
 if USE_XLA:
   print("Falling back to the XLA chunk step for training and evaluation.")
   OVERRIDES.append("lola.implementation=xla")
-  _methods = pipeline.methods
-  pipeline.methods = lambda preset, cfg: [
-    (label, method, attention, dataclasses.replace(lola, implementation="xla"), sizes)
-    for label, method, attention, lola, sizes in _methods(preset, cfg)
-  ]
 """,
 )
 
@@ -407,7 +402,7 @@ with warnings.catch_warnings():
 
 def make_config(module, overrides):
   """A config file's get_config() with `key=value` overrides (the pipeline's own parser)."""
-  return pipeline._apply_overrides(module.get_config(), overrides)
+  return nets.apply_overrides(module.get_config(), overrides)
 
 
 def read_metrics(workdir):
@@ -525,33 +520,39 @@ md(
   """
 ## 5. Pass-key recall with and without the sparse cache
 
-The recall pipeline's own evaluation (`experiments.recall.pipeline.evaluate`, built on
-`lola_jax.evaluation` and `lola_jax.data`) reloads both runs from their checkpoints and scores
+The recall pipeline's own evaluation (`experiments.recall.grid.evaluate`, built on
+`lola_jax.evaluation` and `lola_jax.data`) reloads both runs from their checkpoints
+(`experiments.recall.nets.load_nets`) and scores
 greedy exact-match pass-key retrieval at contexts longer than the training length, for the teacher
 (full KV cache), the hybrid (window only), a hybrid with a wider window of LoLA's memory, and LoLA
 (the same hybrid weights plus a sparse cache of several sizes, `sre` and `recency` policies).
-Every row carries its decode-state bytes next to the full KV cache's. `pipeline.write_report`
-writes `report.md` and the figures.
+Every row carries its decode-state bytes next to the full KV cache's. `grid.write_report` writes
+`report.md` and the figures.
 """
 )
 
 code(
   """
-from absl import flags
 from IPython.display import Image, Markdown
 
-from lola_jax.evaluation import report
+from experiments.reporting import report
 
-flags.FLAGS(["lola_tpu_colab"])  # the pipeline's flags at their defaults, then this preset's
-flags.FLAGS.niah = S["niah"]
-flags.FLAGS.mqar = S["mqar"]
 start = time.time()
-rows, cells = pipeline.evaluate(RECALL, WORKDIR, OVERRIDES)
+teacher_net, hybrid_config, hybrid_net = nets.load_nets(WORKDIR, OVERRIDES)
+methods = grid.method_rows(RECALL, hybrid_config)
+if USE_XLA:  # the evaluated LoLA rows run the XLA chunk step too
+  methods = [
+    (label, method, attention, dataclasses.replace(lola, implementation="xla"), sizes)
+    for label, method, attention, lola, sizes in methods
+  ]
+rows, cells = grid.evaluate(
+  RECALL, teacher_net, hybrid_net, methods=methods, niah=S["niah"], mqar=S["mqar"]
+)
 TIMINGS["eval"] = time.time() - start
 json.dump(rows, open(os.path.join(WORKDIR, "results.json"), "w"), indent=1)
 json.dump(cells, open(os.path.join(WORKDIR, "cells.json"), "w"), indent=1)
 commands = [f"notebook lola_tpu_colab.ipynb, PRESET={PRESET!r}, overrides {OVERRIDES}"]
-figures = pipeline.write_report(S["recall_preset"], RECALL, WORKDIR, rows, cells, TIMINGS, commands)
+figures = grid.write_report(S["recall_preset"], RECALL, WORKDIR, rows, cells, TIMINGS, commands)
 print("Pass-key exact-match accuracy (state bytes per sequence, all layers):")
 print(report.retrieval_table(rows, "passkey"))
 if any("needle_in_cache" in r for r in rows):

@@ -1,4 +1,6 @@
-"""Evaluation: state-size accounting, recall harness (pass-key, needle, MQAR), plots, reports."""
+"""Evaluation: state-size accounting and the recall harness (pass-key, needle, MQAR); the
+selection probe (`selection_probe`). Tables and figures live with the experiments
+(`experiments/reporting`)."""
 
 from lola_jax.evaluation.memory import (
   equal_memory_chunk,

@@ -5,8 +5,9 @@ A model enters through two callables, so an oracle or a constant "model" can be 
   generate(prompts int32 [B, T], num_new: int) -> int32 [B, num_new]  greedy continuation
   predict(inputs int32 [B, T]) -> int32 [B, T]  argmax next tokens
 
-`model_generate(model)` / `model_predict(model)` build them from a `lola_jax.model.LoLALM` through
-its `prefill` / `decode` (the state-carrying inference path, i.e. the sparse cache is exercised).
+`model_generate(model)` / `model_predict(model)` build them from a `lola_jax.model.LoLALM`:
+greedy decoding through `lola_jax.generate` (its one decode loop) and argmax through
+`LoLALM.prefill` (the state-carrying inference path, i.e. the sparse cache is exercised).
 """
 
 from __future__ import annotations
@@ -16,8 +17,12 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
+from lola_jax import generate as gen
+from lola_jax.core.state import cached_positions
 from lola_jax.data import get_task, retrieval_example
 
 Generate = Callable[[np.ndarray, int], np.ndarray]
@@ -148,42 +153,26 @@ def evaluate_mqar(
 
 
 def model_generate(model, on_prefill: Callable | None = None) -> Generate:
-  """Greedy generation through `model.prefill` then `model.decode` (one jit per shape).
+  """Greedy generation through `lola_jax.generate`'s `prefill` and `decode` (the state-carrying
+  inference path, so the sparse cache is exercised; one compilation per shape).
 
   `on_prefill(states)`, if given, sees the per-layer states right after each prompt batch (e.g. to
   read which positions the sparse cache holds).
   """
-  import jax.numpy as jnp
-  from flax import nnx
-
-  @nnx.jit(static_argnames="max_len")
-  def prefill(m, tokens, max_len):
-    logits, states = m.prefill(tokens, max_len=max_len)
-    return jnp.argmax(logits[:, -1], -1).astype(jnp.int32), states
-
-  @nnx.jit
-  def decode(m, token, states):
-    logits, states = m.decode(token, states)
-    return jnp.argmax(logits, -1).astype(jnp.int32), states
+  config, params = model.config, nnx.state(model)
 
   def generate(prompts, num_new):
     prompts = jnp.asarray(prompts, jnp.int32)
-    token, states = prefill(model, prompts, prompts.shape[1] + num_new)
+    logits, states = gen.prefill(config, params, prompts, max_len=prompts.shape[1] + num_new)
     if on_prefill is not None:
       on_prefill(states)
-    out = [token]
-    for _ in range(num_new - 1):
-      token, states = decode(model, token, states)
-      out.append(token)
-    return np.asarray(jnp.stack(out, 1))
+    return gen.decode(config, params, states, logits, max_new_tokens=num_new).tokens
 
   return generate
 
 
 def model_predict(model) -> Predict:
   """Argmax next tokens through `model.prefill` (the state-carrying path)."""
-  import jax.numpy as jnp
-  from flax import nnx
 
   @nnx.jit
   def predict(m, tokens):
@@ -235,10 +224,6 @@ def retrieval_cache_coverage(
 
 def model_cache_coverage(model, examples, batch_size: int = 8) -> float:
   """Mean share of the secret's tokens in the sparse cache after the prompt (LoLA models)."""
-  import jax.numpy as jnp
-  from flax import nnx
-
-  from lola_jax.core.state import cached_positions
 
   @nnx.jit
   def prefill(m, tokens):

@@ -15,7 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from lola_jax.evaluation.report import method_labels  # noqa: E402
+from experiments.reporting.report import method_labels  # noqa: E402
 
 
 def _style(label):
@@ -32,19 +32,24 @@ def _style(label):
   return {"marker": "o", "linestyle": "-"}
 
 
+def _accuracy_lines(ax, rows, x: str, xlabel: str, ylabel: str):
+  """One line per method: accuracy against row[x] on a log2 axis."""
+  for label in method_labels(rows):
+    pts = sorted((r[x], r["accuracy"]) for r in rows if r["label"] == label)
+    ax.plot(*zip(*pts, strict=True), label=label, **_style(label))
+  ax.set_xscale("log", base=2)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.set_ylim(-0.03, 1.03)
+
+
 def accuracy_vs_context(rows, path, tasks=("passkey", "niah")):
   """One panel per task: accuracy against context length (log2 axis), one line per method."""
   tasks = [t for t in tasks if any(r["task"] == t for r in rows)]
   fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.2), squeeze=False)
   for ax, task in zip(axes[0], tasks, strict=True):
     sel = [r for r in rows if r["task"] == task]
-    for label in method_labels(sel):
-      pts = sorted((r["context"], r["accuracy"]) for r in sel if r["label"] == label)
-      ax.plot(*zip(*pts, strict=True), label=label, **_style(label))
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("context (tokens)")
-    ax.set_ylabel("exact-match accuracy")
-    ax.set_ylim(-0.03, 1.03)
+    _accuracy_lines(ax, sel, "context", "context (tokens)", "exact-match accuracy")
     ax.set_title(task)
     ax.grid(alpha=0.3)
   axes[0][-1].legend(fontsize=7, loc="best")
@@ -135,13 +140,7 @@ def mqar_vs_pairs(rows, path):
   """MQAR accuracy against the number of key/value pairs, one line per method."""
   sel = [r for r in rows if r["task"] == "mqar"]
   fig, ax = plt.subplots(figsize=(6, 4.2))
-  for label in method_labels(sel):
-    pts = sorted((r["num_pairs"], r["accuracy"]) for r in sel if r["label"] == label)
-    ax.plot(*zip(*pts, strict=True), label=label, **_style(label))
-  ax.set_xscale("log", base=2)
-  ax.set_xlabel("key/value pairs")
-  ax.set_ylabel("accuracy")
-  ax.set_ylim(-0.03, 1.03)
+  _accuracy_lines(ax, sel, "num_pairs", "key/value pairs", "accuracy")
   ax.set_title(f"MQAR (T = {sel[0]['context']})" if sel else "MQAR")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)

@@ -1,0 +1,1 @@
+"""Reports of the experiments: markdown tables (`report`) and matplotlib figures (`plots`)."""
