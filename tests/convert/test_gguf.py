@@ -128,6 +128,33 @@ def test_unsupported_quantisation_type(tmp_path):
     load_gguf_llama(path)
 
 
+def _llama3_rope_factors(head_dim, theta, factor=8.0, low=1.0, high=4.0, original=8192):
+  """Llama 3.1's frequency divisors f_i / f'_i in float64 (Meta's `apply_scaling`)."""
+  freq = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+  wavelen = 2 * np.pi / freq
+  smooth = (original / wavelen - low) / (high - low)
+  scaled = np.where(
+    wavelen < original / high,
+    freq,
+    np.where(wavelen > original / low, freq / factor, (1 - smooth) * freq / factor + smooth * freq),
+  )
+  return (freq / scaled).astype(np.float32)
+
+
+def test_llama3_rope_frequency_factors(tmp_path):
+  """A `rope_freqs.weight` tensor (llama.cpp's Llama 3.1 layout) becomes RopeScaling("llama3")."""
+  factors = _llama3_rope_factors(16, 50_000.0)
+  assert factors[0] == 1.0 and 1.0 < factors[5] < 8.0 and factors[7] == 8.0  # all three bands
+  path = write_tiny_gguf(str(tmp_path / "l3.gguf"), extra_tensors={"rope_freqs.weight": factors})
+  config, _ = load_gguf_llama(path)
+  assert config.rope_scaling == model.RopeScaling("llama3", 8.0, 1.0, 4.0, 8192)
+  bad = factors.copy()
+  bad[5] *= 1.5
+  path = write_tiny_gguf(str(tmp_path / "bad.gguf"), extra_tensors={"rope_freqs.weight": bad})
+  with pytest.raises(ValueError, match="'rope_freqs.weight'.*does not follow the llama3"):
+    load_gguf_llama(path)
+
+
 def test_unmapped_tensor_and_metadata_are_refused(tmp_path):
   bias = {"blk.0.attn_q.bias": np.zeros(64, np.float32)}
   path = write_tiny_gguf(str(tmp_path / "bias.gguf"), extra_tensors=bias)
