@@ -41,8 +41,8 @@ from lola_jax.core.config import LoLAConfig
 from lola_jax.training import checkpoint as ckpt_lib
 from lola_jax.training import metrics as metrics_lib
 from lola_jax.training import optim as optim_lib
+from lola_jax.training import pretrained_source, workdir_lock
 from lola_jax.training import steps as steps_lib
-from lola_jax.training import workdir_lock
 from lola_jax.training.trainable import trainable_mask
 
 MODES = ("lm", "distill")
@@ -138,12 +138,20 @@ def setup(config, task=None, eval_task=None) -> Setup:
   sharding_lib.check_batch(
     config.train.get("eval_batch_size", config.train.batch_size), mesh, "train.eval_batch_size"
   )
+  gguf_path = pretrained_source.gguf_path(config)
+  if gguf_path is not None and config.task.name == "text" and (task is None or eval_task is None):
+    text_train, text_eval = pretrained_source.text_tasks(config, gguf_path)
+    task = task if task is not None else text_train
+    eval_task = eval_task if eval_task is not None else text_eval
   task = task if task is not None else get_task(config)
   if eval_task is None:
     eval_task = get_task(config, seed_offset=10_007)
-  if "vocab_size" not in config.model or config.model.vocab_size in (None, 0, -1):
-    config.model.vocab_size = task.vocab_size
-  model_config = model_config_from(config)
+  if gguf_path is not None:
+    model_config = pretrained_source.model_config(config, gguf_path)
+  else:
+    if "vocab_size" not in config.model or config.model.vocab_size in (None, 0, -1):
+      config.model.vocab_size = task.vocab_size
+    model_config = model_config_from(config)
   if model_config.vocab_size < task.vocab_size:
     raise ValueError(
       f"model.vocab_size ({model_config.vocab_size}) is smaller than the task's vocabulary "
@@ -155,7 +163,9 @@ def setup(config, task=None, eval_task=None) -> Setup:
         f"model.attention must be hybrid, lola or linear in distill mode, got "
         f"{model_config.attention!r}"
       )
-    if not (config.distill.get("teacher_workdir") or config.distill.get("teacher_params")):
+    if gguf_path is None and not (
+      config.distill.get("teacher_workdir") or config.distill.get("teacher_params")
+    ):
       raise ValueError(
         "distill.teacher_workdir must name a softmax run's workdir (or distill.teacher_params "
         "an exported .npz of its parameters)"
@@ -166,8 +176,10 @@ def setup(config, task=None, eval_task=None) -> Setup:
   if finetune:
     stages = ((finetune, config.distill.finetune_lr, config.distill.finetune_warmup_steps),)
   schedule = optim_lib.make_schedule(config.optim, config.train.steps, stages)
-  tx = optim_lib.make_optimizer(config.optim, schedule)
   shapes = jax.eval_shape(lambda: model_lib.init_params(model_config, jax.random.key(0)))
+  tx = optim_lib.make_optimizer(
+    config.optim, schedule, trainable=_trainable_in_any_stage(config, model_config, shapes)
+  )
   param_sh = sharding_lib.param_shardings(model_lib.logical_axes(model_config), shapes, mesh)
   abstract_params = jax.tree.map(
     lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, param_sh
@@ -251,9 +263,25 @@ def _abstract_train_state(s: Setup):
   }
 
 
+def _trainable_in_any_stage(config, model_config, params) -> Any:
+  """Which leaves some stage of the run trains (the optimizer keeps moments for those only)."""
+  if config.train.get("mode", "lm") != "distill":
+    return None
+  which = ["feature_maps"]
+  if int(config.distill.get("finetune_steps", 0)):
+    which.append(config.distill.get("finetune_params", "all"))
+  masks = [trainable_mask(model_config, params, w) for w in which]
+  return jax.tree.map(lambda *m: any(m), *masks)
+
+
 def _initial_state(config, s: Setup):
   """Fresh parameters (or the teacher's, in distill mode), optimizer state and RNG."""
-  if config.train.get("mode", "lm") == "distill" and config.distill.get("teacher_params"):
+  gguf_path = pretrained_source.gguf_path(config)
+  if gguf_path is not None:
+    params = pretrained_source.initial_params(s.model_config, gguf_path, config.seed)
+    params = jax.device_put(params, s.param_sh)
+    print(f"Starting from the pretrained weights of {gguf_path}")
+  elif config.train.get("mode", "lm") == "distill" and config.distill.get("teacher_params"):
     path = config.distill.teacher_params
     params = jax.device_put(ckpt_lib.load_params_npz(path, s.abstract_params), s.param_sh)
     print(f"Distilling from teacher parameters {path}")
@@ -362,9 +390,7 @@ def _train(config, workdir: str, s: Setup, ckpt: ckpt_lib.Checkpointer) -> dict:
       print(f"Nothing to train: the run is complete at step {start}", flush=True)
 
   main_kind = "distill" if mode == "distill" else "lm"
-  main_mask = trainable_mask(
-    mc, s.abstract_params, "feature_maps" if mode == "distill" else "all"
-  )
+  main_mask = trainable_mask(mc, s.abstract_params, "feature_maps" if mode == "distill" else "all")
   train_main = steps_lib.jit_train_step(
     mc,
     s.tx,
