@@ -6,15 +6,10 @@ The core is pure functions over a pytree state (see docs/semantics.md for the eq
   y, state = lola_decode(q1, k1, v1, phi_q1, phi_k1, gate, config=config, state=state)
 """
 
-from lola_jax.core import (
-  LoLAConfig,
-  LoLAState,
-  cached_positions,
-  init_state,
-  lola_decode,
-  lola_prefill,
-  lola_reference,
-)
+from lola_jax.core.config import LoLAConfig
+from lola_jax.core.reference import lola_reference
+from lola_jax.core.scan import lola_decode, lola_prefill
+from lola_jax.core.state import LoLAState, cached_positions, init_state
 
 __all__ = [
   "LoLAConfig",

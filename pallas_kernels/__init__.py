@@ -1,8 +1,24 @@
-"""Pallas kernels for LoLA: chunked linear attention, the fused hybrid and the fused chunk step."""
+"""Pallas kernels for LoLA, one folder per op (each with its XLA form beside its Pallas form):
 
-from pallas_kernels.common import BlockSizes
-from pallas_kernels.hybrid_attention import hybrid_attention
-from pallas_kernels.linear_attention import linear_attention
+  linear/      causal linear attention               `linear_attention`
+  hybrid/      LoLA with an empty sparse cache       `hybrid_attention`
+  lola_chunk/  the fused LoLA chunk step             `lola_chunk_step`
+
+`common` holds the backend choice (`IMPLEMENTATIONS`, `resolve_implementation`), `BlockSizes`
+and the Pallas helpers; `equations` the mix and the self-recall error every form shares. This
+package is a leaf: it imports nothing from `lola_jax`.
+"""
+
+from pallas_kernels.common import IMPLEMENTATIONS, BlockSizes, resolve_implementation
+from pallas_kernels.hybrid import hybrid_attention
+from pallas_kernels.linear import linear_attention
 from pallas_kernels.lola_chunk import lola_chunk_step
 
-__all__ = ["BlockSizes", "hybrid_attention", "linear_attention", "lola_chunk_step"]
+__all__ = [
+  "IMPLEMENTATIONS",
+  "BlockSizes",
+  "hybrid_attention",
+  "linear_attention",
+  "lola_chunk_step",
+  "resolve_implementation",
+]

@@ -1,4 +1,5 @@
-"""Shared pieces of the kernels: backend choice, block sizes, padding and input validation.
+"""Shared pieces of the kernels: backend choice, block sizes, padding, input validation and the
+Pallas helpers every kernel uses (`dot`, `head_specs`, `head_outputs`).
 
 Shape legend used across `pallas_kernels`:
   B batch, T time, Hq query heads, Hkv key/value heads (Hq % Hkv == 0, query head i reads kv head
@@ -12,8 +13,16 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
+# `implementation=` values of every op (and of `LoLAConfig`): None picks per backend
+# (`resolve_implementation`), "reference" is the op's plain-JAX reference form.
 IMPLEMENTATIONS = (None, "xla", "pallas", "reference")
+
+F32 = jnp.float32
+HIGHEST = jax.lax.Precision.HIGHEST
+# The kernels' "minus infinity" for masked logits: finite, so e^{l - m} never sees inf - inf.
+NEG = -1e30
 
 
 def _round_up(x: int, m: int) -> int:
@@ -116,6 +125,35 @@ def check_float(name: str, x) -> None:
     raise ValueError(f"{name} must be a floating dtype, got {x.dtype}")
 
 
+def check_layouts(arrays: dict) -> dict:
+  """Checks arrays against letter layouts, e.g. {"q": (q, "[B, T, Hq, dk]"), ...}.
+
+  The first array naming a letter binds its size; every later one must agree (ranks first, then
+  shapes, in the order given). Returns the sizes by letter.
+  """
+  sizes = {}
+  for name, (x, layout) in arrays.items():
+    letters = layout[1:-1].split(", ")
+    check_rank(name, x, len(letters), layout)
+    expected = tuple(sizes.setdefault(a, n) for a, n in zip(letters, x.shape, strict=True))
+    check_shape(name, x, expected, layout)
+  return sizes
+
+
+def check_heads_and_length(q_name: str, kv_name: str, hq: int, hkv: int, shape) -> None:
+  """Hq must be a positive multiple of Hkv and there must be at least one token (T >= 1)."""
+  if hkv < 1 or hq % hkv:
+    raise ValueError(f"{q_name} heads ({hq}) must be a multiple of {kv_name} heads ({hkv})")
+  if shape[1] < 1:
+    raise ValueError(f"{q_name} must have T >= 1, got shape {shape}")
+
+
+def check_floats(arrays: dict) -> None:
+  """check_float on every (name, array) of `arrays`."""
+  for name, x in arrays.items():
+    check_float(name, x)
+
+
 def to_heads(x, t_pad: int, last: int):
   """[B, T, H, X] -> [B, H, T_pad, X_pad], zero-padded on time and the last dim."""
   x = jnp.swapaxes(x, 1, 2)
@@ -132,3 +170,39 @@ def group_sum(x, num_kv_heads: int):
   """Sums per-query-head partial results of a kv head: [B, Hq, ...] -> [B, Hkv, ...]."""
   b, hq = x.shape[:2]
   return x.reshape(b, num_kv_heads, hq // num_kv_heads, *x.shape[2:]).sum(axis=2)
+
+
+def dot(a, b, ta=False, tb=False):
+  """a @ b in float32 with optional transposes (a^T: contract dim 0 of a; b^T: dim 1 of b).
+
+  Kernel bodies use it for every 2-D product: full float32 precision, float32 accumulation.
+  """
+  dims = (((0,) if ta else (1,)), ((1,) if tb else (0,)))
+  return jax.lax.dot_general(a, b, (dims, ((), ())), precision=HIGHEST, preferred_element_type=F32)
+
+
+def head_specs(group: int, shapes):
+  """BlockSpecs over a grid (B, H): one [B, H, ...] operand block per program, leading dims
+  squeezed.
+
+  Args:
+    group: query heads per kv head, for the grid over query heads (Hq); 1 when the grid walks
+      the operand's own heads.
+    shapes: (kind, tail) per operand: kind "q" indexes the operand's head axis with the grid's
+      head (h), "kv" with h // group; tail is the block shape after the two squeezed dims.
+  """
+
+  def spec(kind, tail):
+    zeros = (0,) * len(tail)
+    div = 1 if kind == "q" else group
+    return pl.BlockSpec(
+      (pl.squeezed, pl.squeezed) + tuple(tail), lambda b, h: (b, h // div) + zeros
+    )
+
+  return [spec(kind, tail) for kind, tail in shapes]
+
+
+def head_outputs(batch: int, heads: int, tails):
+  """(out_shape, out_specs) of float32 outputs [batch, heads, *tail], one block per program."""
+  out_shape = [jax.ShapeDtypeStruct((batch, heads) + tuple(tail), F32) for tail in tails]
+  return out_shape, head_specs(1, [("q", tail) for tail in tails])

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from lola_jax import LoLAConfig, lola_prefill
 from pallas_kernels import linear_attention
-from pallas_kernels.linear_xla import (
+from pallas_kernels.linear.xla import (
   linear_attention_chunked,
   linear_attention_quadratic,
   linear_attention_scan,

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import dataclasses
 
-MIXES = ("gated", "lolcats")
+from pallas_kernels.common import IMPLEMENTATIONS
+from pallas_kernels.equations import MIXES
+
 POLICIES = ("sre", "recency", "energy", "energy_global", "attention", "random", "sre_below")
-IMPLEMENTATIONS = (None, "xla", "pallas", "reference")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,15 +6,16 @@ A query at position t in chunk n = t // C attends with exact softmax to
 
 (the sparse cache, the previous complete chunk and the causal part of its own chunk), and reads
 the linear state (H, s) as it stood at the start of chunk n. The two branches are combined with
-one shared denominator (`lola_jax.core.mixing`). When chunk n completes, the pairs of chunk n-1 and
-the old cache compete for the cache (`lola_jax.core.selection`), the losers are absorbed into
-(H, s), and chunk n becomes the window.
+one shared denominator (`pallas_kernels.equations`). When chunk n completes, the pairs of chunk
+n-1 and the old cache compete for the cache (`lola_jax.core.selection`), the losers are absorbed
+into (H, s), and chunk n becomes the window.
 
-Prefill walks the sequence chunk by chunk with `lax.scan`; every step is a few dense matmuls:
-the logits of C queries against the L + 2C keys of [cache; window; chunk], the linear read-out,
-the self-recall errors of the L + C candidates and one absorption matmul. Decode appends one
-token to the current chunk and runs the same cache update when the chunk completes, so scoring
-is paid once per chunk, not per token.
+Prefill walks the sequence chunk by chunk with `lax.scan` over `_chunk_step`; every step is a few
+dense matmuls: the logits of C queries against the L + 2C keys of [cache; window; chunk], the
+linear read-out, the self-recall errors of the L + C candidates and one absorption matmul.
+`_chunk_attend` is the one place that picks the fused Pallas kernel or the XLA form of the step
+(`pallas_kernels.lola_chunk`). Decode appends one token to the current chunk and runs the same
+cache update when the chunk completes, so scoring is paid once per chunk, not per token.
 
 Shapes: see the legend in `lola_jax.core.state`; G = Hq // Hkv query heads share each kv head.
 """
@@ -29,13 +30,64 @@ import jax.numpy as jnp
 
 from lola_jax.core import validation
 from lola_jax.core.config import LoLAConfig
-from lola_jax.core.mixing import mix_branches, softmax_branch
 from lola_jax.core.selection import SRE_POLICIES, Candidates, update_sparse_cache
 from lola_jax.core.state import LoLAState, init_state
+from pallas_kernels.common import resolve_implementation
+from pallas_kernels.lola_chunk import attend, lola_chunk_step
+from pallas_kernels.lola_chunk.xla import chunk_mask
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ChunkCarry:
+  """What the prefill scan carries from one chunk to the next (shapes as in `LoLAState`).
+
+  Attributes:
+    cache: the sparse cache as Candidates (L slots; `mass` only for the "attention" policy).
+    window_k, window_v, window_phi_k: [B, Hkv, C, .] the previous complete chunk.
+    window_mass: [B, Hkv, C] softmax mass the window's pairs received ([B, Hkv, 0] untracked).
+    has_window: [B] bool, whether the row has completed a chunk.
+    linear_h: [B, Hkv, D, dv] float32.  linear_s: [B, Hkv, D] float32.
+  """
+
+  cache: Candidates
+  window_k: jax.Array
+  window_v: jax.Array
+  window_phi_k: jax.Array
+  window_mass: jax.Array
+  has_window: jax.Array
+  linear_h: jax.Array
+  linear_s: jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ChunkBlock:
+  """One chunk of the laid-out tokens (the scan's input slice).
+
+  Attributes:
+    q: [B, C, Hq, dk]  phi_q: [B, C, Hq, D]  k: [B, C, Hkv, dk]  v: [B, C, Hkv, dv]
+    phi_k: [B, C, Hkv, D]
+    real: [B, C] bool, slots holding a token (buffered tokens of the state included).
+    new_query: [B, C] bool, slots holding a token of this call (their mass is accumulated).
+    mass: [B, Hkv, C] mass the block's buffered tokens already received ([B, Hkv, 0] untracked).
+    index: [B] int32 chunk index n of the block.
+  """
+
+  q: jax.Array
+  phi_q: jax.Array
+  k: jax.Array
+  v: jax.Array
+  phi_k: jax.Array
+  real: jax.Array
+  new_query: jax.Array
+  mass: jax.Array
+  index: jax.Array
 
 
 def _attend(config, q, phi_q, keys, values, key_mask, linear_h, linear_s, gate, mass_queries=None):
-  """LoLA outputs of a block of queries against the softmax set and the linear state.
+  """LoLA outputs of a block of queries (`pallas_kernels.lola_chunk.attend`), and the softmax
+  mass the keys received.
 
   Args:
     q: [B, Hkv, G, Tq, dk]  phi_q: [B, Hkv, G, Tq, D]
@@ -50,20 +102,14 @@ def _attend(config, q, phi_q, keys, values, key_mask, linear_h, linear_s, gate, 
     summed over the group, [B, Hkv, Tk] (None when `mass_queries` is None):
     mass_i = sum_{g, t} e^{l_ti - m_t} / S_t.
   """
-  scale = config.scale(q.shape[-1])
-  acc = linear_h.dtype  # float32 (float64 for float64 inputs)
-  logits = jnp.einsum("bhgqd,bhkd->bhgqk", q, keys, preferred_element_type=acc) * scale
-  m, s, n = softmax_branch(logits, key_mask[:, :, None], values[:, :, None])
-  phi_q = phi_q.astype(acc)
-  lin_num = jnp.einsum("bhgqf,bhfe->bhgqe", phi_q, linear_h)
-  lin_den = jnp.einsum("bhgqf,bhf->bhgq", phi_q, linear_s)
-  y = mix_branches(m, s, n, lin_num, lin_den, gate[None, :, :, None], config.mix)
+  y, p, s = attend(
+    q, phi_q, keys, values, key_mask, linear_h, linear_s, gate,
+    scale=config.scale(q.shape[-1]), mix=config.mix,
+  )  # fmt: skip
   if mass_queries is None:
     return y, None
-  mask = key_mask[:, :, None]
-  p = jnp.where(mask, jnp.exp(jnp.where(mask, logits, -jnp.inf) - m[..., None]), 0.0)
-  p = p / jnp.where(s > 0, s, 1.0)[..., None]
-  mass = jnp.einsum("bhgqk,bq->bhk", jax.lax.stop_gradient(p), mass_queries.astype(acc))
+  p = p / jnp.where(s > 0, s, 1.0)
+  mass = jnp.einsum("bhgqk,bq->bhk", jax.lax.stop_gradient(p), mass_queries.astype(linear_h.dtype))
   return y, mass
 
 
@@ -78,6 +124,11 @@ def _ungroup(y):
   """[B, Hkv, G, T, dv] -> [B, T, Hq, dv]."""
   b, h, g, t, d = y.shape
   return y.transpose(0, 3, 1, 2, 4).reshape(b, t, h * g, d)
+
+
+def _heads_first(x):
+  """[B, C, H, d] -> [B, H, C, d]."""
+  return x.transpose(0, 2, 1, 3)
 
 
 def _end_of_chunk(
@@ -95,7 +146,7 @@ def _end_of_chunk(
   return update_sparse_cache(config, cand, linear_h, linear_s, scores=scores, prior=prior)
 
 
-def _prefill_uses_pallas(config: LoLAConfig, acc_dtype) -> bool:
+def _uses_pallas(config: LoLAConfig, acc_dtype) -> bool:
   """Which chunk step `lola_prefill` runs, from `config.implementation`.
 
   "pallas": the fused Pallas chunk step (`pallas_kernels.lola_chunk`; interpret mode on CPU).
@@ -105,8 +156,6 @@ def _prefill_uses_pallas(config: LoLAConfig, acc_dtype) -> bool:
   kernel accumulates in f32; so does the "attention" policy, whose per-pair softmax mass the
   kernel does not produce.
   """
-  from pallas_kernels.common import resolve_implementation  # lazy: pallas_kernels imports lola_jax
-
   impl = resolve_implementation(config.implementation)
   return impl == "pallas" and acc_dtype != jnp.float64 and config.policy != "attention"
 
@@ -128,6 +177,154 @@ def _window_candidates(k, v, phi_k, has_window, start, mass=None):
   pos = jnp.where(has_window[:, None], pos, -1)
   pos = jnp.broadcast_to(pos[:, None, :], k.shape[:-1])
   return Candidates(k=k, v=v, phi_k=phi_k, positions=pos, mass=mass)
+
+
+def _sparse_cache(state: LoLAState, track: bool) -> Candidates:
+  """The state's sparse cache as Candidates (with its mass for the "attention" policy)."""
+  return Candidates(
+    k=state.cache_k,
+    v=state.cache_v,
+    phi_k=state.cache_phi_k,
+    positions=state.cache_positions,
+    mass=state.cache_mass if track else None,
+  )
+
+
+def _cache_fields(cache: Candidates) -> dict:
+  """The LoLAState fields of a sparse cache held as Candidates (mass aside)."""
+  return dict(
+    cache_k=cache.k, cache_v=cache.v, cache_phi_k=cache.phi_k, cache_positions=cache.positions
+  )
+
+
+def _chunk_attend(config, carry: ChunkCarry, q, phi_q, keys, values, key_mask, gate, new_query):
+  """The chunk's outputs, by the fused Pallas kernel or the XLA form: the one dispatch point.
+
+  Args:
+    q: [B, Hkv, G, C, dk]  phi_q: [B, Hkv, G, C, D]  keys/values: [B, Hkv, L + 2C, .]
+      ([cache; window; chunk]).  key_mask: [B, Hkv, L + 2C] which keys exist (the causal
+      structure inside the chunk is applied here).  gate: [Hkv, G].
+    new_query: [B, C] bool, the queries whose softmax mass is accumulated ("attention" policy).
+
+  Returns:
+    y [B, Hkv, G, C, dv]; the self-recall errors [B, Hkv, L + C] of [cache; window] when the
+    kernel computed them for the policy (else None); the mass [B, Hkv, L + 2C] each key received
+    ("attention" policy, else None).
+  """
+  lam, c = config.cache_size, config.chunk_size
+  if _uses_pallas(config, carry.linear_h.dtype):
+    y, scores = lola_chunk_step(
+      q, phi_q, keys, values, key_mask,
+      jnp.concatenate([carry.cache.phi_k, carry.window_phi_k], axis=-2),
+      carry.linear_h, carry.linear_s, gate,
+      cache_size=lam, mix=config.mix, softmax_scale=config.softmax_scale, eps=config.eps,
+      with_sre=config.policy in SRE_POLICIES and lam > 0,
+    )  # fmt: skip
+    return y, scores, None
+  track = config.policy == "attention"
+  y, key_mass = _attend(
+    config, q, phi_q, keys, values, chunk_mask(key_mask, lam, c), carry.linear_h,
+    carry.linear_s, gate, mass_queries=new_query if track else None,
+  )  # fmt: skip
+  return y, None, key_mass
+
+
+def _chunk_step(config, gate, prior_positions, carry: ChunkCarry, block: ChunkBlock):
+  """One chunk of the prefill scan: its outputs, then the cache update of the rows it completes.
+
+  Args:
+    config: the layer's LoLAConfig.  gate: [Hkv, G].  prior_positions: [B, P] or None
+      ("sre_below").  carry: the state before the chunk.  block: the chunk's tokens.
+
+  Returns:
+    The carry after the chunk (rows whose chunk is incomplete keep theirs, with the mass their
+    pairs received added), and (y [B, C, Hq, dv], the block's mass [B, Hkv, C]).
+  """
+  c = config.chunk_size
+  b, hkv = block.k.shape[0], block.k.shape[2]
+  k, v, phi_k = _heads_first(block.k), _heads_first(block.v), _heads_first(block.phi_k)
+  cache = carry.cache
+  keys = jnp.concatenate([cache.k, carry.window_k, k], axis=-2)
+  values = jnp.concatenate([cache.v, carry.window_v, v], axis=-2)
+  key_mask = jnp.concatenate(
+    [
+      cache.valid,
+      jnp.broadcast_to(carry.has_window[:, None, None], (b, hkv, c)),
+      jnp.broadcast_to(block.real[:, None, :], (b, hkv, c)),
+    ],
+    axis=-1,
+  )
+  y, scores, key_mass = _chunk_attend(
+    config, carry, _group_queries(block.q, hkv), _group_queries(block.phi_q, hkv), keys, values,
+    key_mask, gate, block.new_query,
+  )  # fmt: skip
+  track = config.policy == "attention"
+  block_mass = block.mass
+  if track:  # every pair keeps the mass it received, whether or not the chunk completes
+    lam = cache.k.shape[-2]
+    carry = dataclasses.replace(
+      carry,
+      cache=dataclasses.replace(cache, mass=cache.mass + key_mass[..., :lam]),
+      window_mass=carry.window_mass + key_mass[..., lam : lam + c],
+    )
+    block_mass = block_mass + key_mass[..., lam + c :]
+  # End of chunk: the old window competes for the cache, this chunk becomes the window.
+  window = _window_candidates(
+    carry.window_k,
+    carry.window_v,
+    carry.window_phi_k,
+    carry.has_window,
+    (block.index - 1) * c,
+    carry.window_mass if track else None,
+  )
+  new_cache, new_h, new_s = _end_of_chunk(
+    config, carry.cache, window, carry.linear_h, carry.linear_s, scores, prior_positions
+  )
+  updated = ChunkCarry(
+    cache=new_cache,
+    window_k=k,
+    window_v=v,
+    window_phi_k=phi_k,
+    window_mass=block_mass,
+    has_window=jnp.ones_like(carry.has_window),
+    linear_h=new_h,
+    linear_s=new_s,
+  )
+  return _select(block.real[:, -1], updated, carry), (_ungroup(y), block_mass)
+
+
+def _lay_out(x, buffered, *, first_slot, padded_len: int, fresh: bool):
+  """[B, T, H, d] -> [B, P, H, d] on the chunk grid (slot p of row b is position n_b * C + p,
+  n_b the row's current chunk).
+
+  A fresh call starts at slot 0. A continued call puts row b's T tokens after the first_slot[b]
+  tokens its state buffers in the current chunk, and lays those (`buffered` [B, H, C, d]; None
+  for queries, which are not buffered) in front.
+  """
+  b = x.shape[0]
+  out = jnp.zeros((b, padded_len) + x.shape[2:], x.dtype)
+  if fresh:
+    return out.at[:, : x.shape[1]].set(x)
+  if buffered is not None:
+    c = buffered.shape[2]
+    out = out.at[:, :c].set(_heads_first(buffered).astype(x.dtype))
+  place = lambda o, xi, ri: jax.lax.dynamic_update_slice_in_dim(o, xi, ri, axis=0)
+  return jax.vmap(place)(out, x, first_slot)
+
+
+def _blocks(x, chunk_size: int):
+  """[B, P, ...] -> [N, B, C, ...] (the scan axis first)."""
+  b, padded_len = x.shape[:2]
+  x = x.reshape((b, padded_len // chunk_size, chunk_size) + x.shape[2:])
+  return jnp.moveaxis(x, 1, 0)
+
+
+def _current_chunk(x, last_block, keep):
+  """The tokens of the incomplete chunk: [B, P, Hkv, d] -> [B, Hkv, C, d] (zeros past r')."""
+  b, c = keep.shape
+  x = x.reshape((b, x.shape[1] // c, c) + x.shape[2:])
+  x = jnp.take_along_axis(x, last_block[:, None, None, None, None], axis=1)[:, 0]
+  return _heads_first(jnp.where(keep[:, :, None, None], x, jnp.zeros((), x.dtype)))
 
 
 def lola_prefill(
@@ -215,158 +412,47 @@ def _lola_prefill(
   else:
     lengths = lengths.astype(jnp.int32)
   store = state.cache_k.dtype
+  track = config.policy == "attention"  # accumulate per-pair softmax mass
 
-  # Lay the new tokens on the chunk grid: padded slot p of row b is position
-  # first_chunk[b] * C + p; the first r[b] slots are the tokens already buffered in the state.
+  # Lay the new tokens on the chunk grid after the r[b] tokens already buffered in the state.
   r = state.num_tokens % c
   first_chunk = state.num_tokens // c
   num_chunks = -(-t // c) if fresh else -(-(t + c - 1) // c)
   padded_len = num_chunks * c
-
-  def lay_out(x, buffered):
-    """[B, T, H, d] -> [B, P, H, d] with the buffered chunk tokens [B, H, C, d] in front."""
-    out = jnp.zeros((b, padded_len) + x.shape[2:], x.dtype)
-    if fresh:
-      return out.at[:, :t].set(x)
-    if buffered is not None:
-      out = out.at[:, :c].set(buffered.transpose(0, 2, 1, 3).astype(x.dtype))
-    place = lambda o, xi, ri: jax.lax.dynamic_update_slice_in_dim(o, xi, ri, axis=0)
-    return jax.vmap(place)(out, x, r)
-
-  qp = lay_out(q, None)
-  phi_qp = lay_out(phi_q, None)
+  lay_out = functools.partial(_lay_out, first_slot=r, padded_len=padded_len, fresh=fresh)
   kp = lay_out(k.astype(store), state.chunk_k)
   vp = lay_out(v.astype(store), state.chunk_v)
   phi_kp = lay_out(phi_k.astype(store), state.chunk_phi_k)
   slot = jnp.arange(padded_len, dtype=jnp.int32)
   real = slot[None, :] < (r + lengths)[:, None]  # [B, P]
   new_query = real & (slot[None, :] >= r[:, None])  # excludes the re-laid buffered tokens
-  track = config.policy == "attention"  # accumulate per-pair softmax mass
-
-  def blocks(x):  # [B, P, ...] -> [N, B, C, ...]
-    x = x.reshape((b, num_chunks, c) + x.shape[2:])
-    return jnp.moveaxis(x, 1, 0)
-
-  def heads_first(x):  # [B, C, H, d] -> [B, H, C, d]
-    return x.transpose(0, 2, 1, 3)
-
-  gate_g = gate.reshape(hkv, hq // hkv)
-  causal = jnp.tril(jnp.ones((c, c), bool))
-  use_pallas = _prefill_uses_pallas(config, state.linear_h.dtype)
-
-  def fused_attend(cache, win_phi, has_window, lin_h, lin_s, qb, phi_qb, keys, values, real_b):
-    """The Pallas chunk step: y and the self-recall errors of [cache; window] in one kernel."""
-    from pallas_kernels.lola_chunk import lola_chunk_step  # lazy: pallas_kernels imports lola_jax
-
-    key_mask = jnp.concatenate(
-      [
-        cache.valid,
-        jnp.broadcast_to(has_window[:, None, None], (b, hkv, c)),
-        jnp.broadcast_to(real_b[:, None, :], (b, hkv, c)),
-      ],
-      axis=-1,
-    )
-    return lola_chunk_step(
-      _group_queries(qb, hkv),
-      _group_queries(phi_qb, hkv),
-      keys,
-      values,
-      key_mask,
-      jnp.concatenate([cache.phi_k, win_phi], axis=-2),
-      lin_h,
-      lin_s,
-      gate_g,
-      cache_size=config.cache_size,
-      mix=config.mix,
-      softmax_scale=config.softmax_scale,
-      eps=config.eps,
-      with_sre=config.policy in SRE_POLICIES and config.cache_size > 0,
-    )
-
-  def step(carry, xs):
-    cache, win_k, win_v, win_phi, win_mass, has_window, lin_h, lin_s = carry
-    qb, phi_qb, kb, vb, phi_kb, real_b, new_b, block_mass, chunk_idx = xs
-    kb, vb, phi_kb = heads_first(kb), heads_first(vb), heads_first(phi_kb)
-    keys = jnp.concatenate([cache.k, win_k, kb], axis=-2)
-    values = jnp.concatenate([cache.v, win_v, vb], axis=-2)
-    if use_pallas:
-      y, scores = fused_attend(
-        cache, win_phi, has_window, lin_h, lin_s, qb, phi_qb, keys, values, real_b
-      )
-      return _finish_step(carry, y, scores, kb, vb, phi_kb, block_mass, real_b, chunk_idx)
-    mask_cache = jnp.broadcast_to(cache.valid[:, :, None, :], (b, hkv, c, cache.k.shape[-2]))
-    mask_win = jnp.broadcast_to(has_window[:, None, None, None], (b, hkv, c, c))
-    mask_chunk = jnp.broadcast_to((causal[None] & real_b[:, None, :])[:, None], (b, hkv, c, c))
-    mask = jnp.concatenate([mask_cache, mask_win, mask_chunk], axis=-1)
-    y, key_mass = _attend(
-      config,
-      _group_queries(qb, hkv),
-      _group_queries(phi_qb, hkv),
-      keys,
-      values,
-      mask,
-      lin_h,
-      lin_s,
-      gate_g,
-      mass_queries=new_b if track else None,
-    )
-    if track:  # every pair keeps the mass it received, whether or not the chunk completes
-      lam = cache.k.shape[-2]
-      cache = dataclasses.replace(cache, mass=cache.mass + key_mass[..., :lam])
-      win_mass = win_mass + key_mass[..., lam : lam + c]
-      block_mass = block_mass + key_mass[..., lam + c :]
-      carry = (cache, win_k, win_v, win_phi, win_mass, has_window, lin_h, lin_s)
-    return _finish_step(carry, y, None, kb, vb, phi_kb, block_mass, real_b, chunk_idx)
-
-  def _finish_step(carry, y, scores, kb, vb, phi_kb, block_mass, real_b, chunk_idx):
-    # End of chunk: the old window competes for the cache, this chunk becomes the window.
-    cache, win_k, win_v, win_phi, win_mass, has_window, lin_h, lin_s = carry
-    complete = real_b[:, -1]
-    window = _window_candidates(
-      win_k, win_v, win_phi, has_window, (chunk_idx - 1) * c, win_mass if track else None
-    )
-    new_cache, new_h, new_s = _end_of_chunk(
-      config, cache, window, lin_h, lin_s, scores, prior_positions
-    )
-    updated = (new_cache, kb, vb, phi_kb, block_mass, jnp.ones_like(has_window), new_h, new_s)
-    carry = _select(complete, updated, carry)
-    return carry, (_ungroup(y), block_mass)
-
-  cache0 = Candidates(
-    k=state.cache_k,
-    v=state.cache_v,
-    phi_k=state.cache_phi_k,
-    positions=state.cache_positions,
-    mass=state.cache_mass if track else None,
-  )
-  carry0 = (
-    cache0,
-    state.window_k,
-    state.window_v,
-    state.window_phi_k,
-    state.window_mass,
-    state.num_tokens >= c,
-    state.linear_h,
-    state.linear_s,
-  )
   # Mass already received by the buffered tokens of the first block (zero elsewhere).
   mass0 = jnp.zeros((num_chunks,) + state.chunk_mass.shape, state.chunk_mass.dtype)
   if not fresh:
     mass0 = mass0.at[0].set(state.chunk_mass)
-  chunk_ids = first_chunk[None, :] + jnp.arange(num_chunks, dtype=jnp.int32)[:, None]  # [N, B]
-  xs = (
-    blocks(qp),
-    blocks(phi_qp),
-    blocks(kp),
-    blocks(vp),
-    blocks(phi_kp),
-    blocks(real),
-    blocks(new_query),
-    mass0,
-    chunk_ids,
+  blocks = ChunkBlock(
+    q=_blocks(lay_out(q, None), c),
+    phi_q=_blocks(lay_out(phi_q, None), c),
+    k=_blocks(kp, c),
+    v=_blocks(vp, c),
+    phi_k=_blocks(phi_kp, c),
+    real=_blocks(real, c),
+    new_query=_blocks(new_query, c),
+    mass=mass0,
+    index=first_chunk[None, :] + jnp.arange(num_chunks, dtype=jnp.int32)[:, None],  # [N, B]
   )
-  carry, (ys, masses) = jax.lax.scan(step, carry0, xs)
-  cache, win_k, win_v, win_phi, win_mass, _, lin_h, lin_s = carry
+  carry0 = ChunkCarry(
+    cache=_sparse_cache(state, track),
+    window_k=state.window_k,
+    window_v=state.window_v,
+    window_phi_k=state.window_phi_k,
+    window_mass=state.window_mass,
+    has_window=state.num_tokens >= c,
+    linear_h=state.linear_h,
+    linear_s=state.linear_s,
+  )
+  step = functools.partial(_chunk_step, config, gate.reshape(hkv, hq // hkv), prior_positions)
+  carry, (ys, masses) = jax.lax.scan(step, carry0, blocks)
 
   # Outputs: back to [B, P, Hq, dv], then the T new slots of each row.
   y = jnp.moveaxis(ys, 0, 1).reshape(b, padded_len, hq, -1)
@@ -379,14 +465,7 @@ def _lola_prefill(
   # The current (incomplete) chunk: the block holding position num_tokens, first r' slots.
   num_tokens = state.num_tokens + lengths
   last_block = jnp.clip(num_tokens // c - first_chunk, 0, num_chunks - 1)
-  r_new = num_tokens % c
-  keep = jnp.arange(c)[None, :] < r_new[:, None]  # [B, C]
-
-  def current_chunk(x):  # [B, P, Hkv, d] -> [B, Hkv, C, d]
-    x = x.reshape((b, num_chunks, c) + x.shape[2:])
-    x = jnp.take_along_axis(x, last_block[:, None, None, None, None], axis=1)[:, 0]
-    return heads_first(jnp.where(keep[:, :, None, None], x, jnp.zeros((), x.dtype)))
-
+  keep = jnp.arange(c)[None, :] < (num_tokens % c)[:, None]  # [B, C]
   if track:
     chunk_mass = jnp.take_along_axis(
       jnp.moveaxis(masses, 0, 1), last_block[:, None, None, None], axis=1
@@ -395,22 +474,20 @@ def _lola_prefill(
   else:
     chunk_mass = state.chunk_mass
 
+  cache = carry.cache
   new_state = LoLAState(
-    cache_k=cache.k,
-    cache_v=cache.v,
-    cache_phi_k=cache.phi_k,
-    cache_positions=cache.positions,
-    window_k=win_k,
-    window_v=win_v,
-    window_phi_k=win_phi,
-    chunk_k=current_chunk(kp),
-    chunk_v=current_chunk(vp),
-    chunk_phi_k=current_chunk(phi_kp),
-    linear_h=lin_h,
-    linear_s=lin_s,
+    **_cache_fields(cache),
+    window_k=carry.window_k,
+    window_v=carry.window_v,
+    window_phi_k=carry.window_phi_k,
+    chunk_k=_current_chunk(kp, last_block, keep),
+    chunk_v=_current_chunk(vp, last_block, keep),
+    chunk_phi_k=_current_chunk(phi_kp, last_block, keep),
+    linear_h=carry.linear_h,
+    linear_s=carry.linear_s,
     num_tokens=num_tokens,
     cache_mass=cache.mass if track else state.cache_mass,
-    window_mass=win_mass,
+    window_mass=carry.window_mass,
     chunk_mass=chunk_mass,
   )
   return y.astype(q.dtype), new_state
@@ -442,6 +519,44 @@ def lola_decode(
   return _lola_decode(
     q, k, v, phi_q, phi_k, gate, config=config, state=state, prior_positions=prior_positions
   )
+
+
+def _roll_chunk(config, complete, has_window, prior_positions, st: LoLAState) -> LoLAState:
+  """Decode's end of chunk for the rows whose token completed it: the cache update, then the
+  chunk becomes the window and a new chunk starts.
+
+  `st` already holds the token (num_tokens counts it); `complete` [B]: rows whose chunk it
+  completed; `has_window` [B]: rows that had a window before it.
+  """
+  c = config.chunk_size
+  track = config.policy == "attention"
+  window = _window_candidates(
+    st.window_k,
+    st.window_v,
+    st.window_phi_k,
+    has_window,
+    (st.num_tokens // c - 2) * c,
+    st.window_mass if track else None,
+  )
+  cache, lin_h, lin_s = _end_of_chunk(
+    config, _sparse_cache(st, track), window, st.linear_h, st.linear_s, prior=prior_positions
+  )
+  rolled = dataclasses.replace(
+    st,
+    **_cache_fields(cache),
+    window_k=st.chunk_k,
+    window_v=st.chunk_v,
+    window_phi_k=st.chunk_phi_k,
+    chunk_k=jnp.zeros_like(st.chunk_k),
+    chunk_v=jnp.zeros_like(st.chunk_v),
+    chunk_phi_k=jnp.zeros_like(st.chunk_phi_k),
+    linear_h=lin_h,
+    linear_s=lin_s,
+    cache_mass=cache.mass if track else st.cache_mass,
+    window_mass=st.chunk_mass,
+    chunk_mass=jnp.zeros_like(st.chunk_mass),
+  )
+  return _select(complete, rolled, st)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
@@ -498,57 +613,17 @@ def _lola_decode(
     window_mass = window_mass + key_mass[..., lam : lam + c]
     chunk_mass = jnp.where(slot[:, None, :], 0.0, chunk_mass) + key_mass[..., lam + c :]
 
-  num_tokens = state.num_tokens + 1
-  complete = r == c - 1
   written = dataclasses.replace(
     state,
     chunk_k=chunk_k,
     chunk_v=chunk_v,
     chunk_phi_k=chunk_phi,
-    num_tokens=num_tokens,
+    num_tokens=state.num_tokens + 1,
     cache_mass=cache_mass,
     window_mass=window_mass,
     chunk_mass=chunk_mass,
   )
-
-  def roll_chunk(st: LoLAState) -> LoLAState:
-    cache = Candidates(
-      st.cache_k,
-      st.cache_v,
-      st.cache_phi_k,
-      st.cache_positions,
-      mass=st.cache_mass if track else None,
-    )
-    window = _window_candidates(
-      st.window_k,
-      st.window_v,
-      st.window_phi_k,
-      has_window,
-      (num_tokens // c - 2) * c,
-      st.window_mass if track else None,
-    )
-    cache, lin_h, lin_s = _end_of_chunk(
-      config, cache, window, st.linear_h, st.linear_s, prior=prior_positions
-    )
-    rolled = dataclasses.replace(
-      st,
-      cache_k=cache.k,
-      cache_v=cache.v,
-      cache_phi_k=cache.phi_k,
-      cache_positions=cache.positions,
-      window_k=st.chunk_k,
-      window_v=st.chunk_v,
-      window_phi_k=st.chunk_phi_k,
-      chunk_k=jnp.zeros_like(st.chunk_k),
-      chunk_v=jnp.zeros_like(st.chunk_v),
-      chunk_phi_k=jnp.zeros_like(st.chunk_phi_k),
-      linear_h=lin_h,
-      linear_s=lin_s,
-      cache_mass=cache.mass if track else st.cache_mass,
-      window_mass=st.chunk_mass,
-      chunk_mass=jnp.zeros_like(st.chunk_mass),
-    )
-    return _select(complete, rolled, st)
-
-  new_state = jax.lax.cond(jnp.any(complete), roll_chunk, lambda st: st, written)
+  complete = r == c - 1
+  roll = functools.partial(_roll_chunk, config, complete, has_window, prior_positions)
+  new_state = jax.lax.cond(jnp.any(complete), roll, lambda st: st, written)
   return y.astype(q.dtype), new_state

@@ -53,6 +53,7 @@ import jax
 import jax.numpy as jnp
 
 from lola_jax.core.config import LoLAConfig
+from pallas_kernels.equations import self_recall_error
 
 
 @jax.tree_util.register_dataclass
@@ -76,21 +77,16 @@ class Candidates:
     return self.positions >= 0
 
 
-def self_recall_error(phi_k, v, linear_h, linear_s, eps: float) -> jax.Array:
-  """|| v - phi_k^T H / (phi_k^T s + eps) ||_2 for every candidate.
+def candidate_errors(config: LoLAConfig, cand: Candidates, linear_h, linear_s, scores=None):
+  """[..., N] self-recall errors of the candidates against (H, s), gradient-stopped.
 
-  Args:
-    phi_k: [..., N, D] feature-mapped keys.  v: [..., N, dv] values.
-    linear_h: [..., D, dv] float32.  linear_s: [..., D] float32.
-
-  Returns:
-    [..., N] float32 self-recall errors.
+  `scores`, when given, are these errors already computed elsewhere (the fused Pallas chunk
+  step); otherwise `pallas_kernels.equations.self_recall_error` computes them here.
   """
-  phi_k = phi_k.astype(linear_h.dtype)
-  recalled = jnp.einsum("...nd,...de->...ne", phi_k, linear_h)
-  denom = jnp.einsum("...nd,...d->...n", phi_k, linear_s) + eps
-  residual = v.astype(linear_h.dtype) - recalled / denom[..., None]
-  return jnp.sqrt(jnp.sum(residual * residual, axis=-1))
+  if scores is None:
+    scores = self_recall_error(cand.phi_k, cand.v, linear_h, linear_s[..., None, :], config.eps)
+    scores = scores[..., 0]
+  return jax.lax.stop_gradient(scores)
 
 
 def _top_l(scores: jax.Array, valid: jax.Array, cache_size: int) -> jax.Array:
@@ -118,11 +114,8 @@ def select_sre(config: LoLAConfig, cand: Candidates, linear_h, linear_s, scores=
   `scores` ([..., N] float32), when given, are these candidates' self-recall errors against
   (linear_h, linear_s), computed elsewhere (the fused Pallas chunk step); otherwise computed here.
   """
-  if scores is None:
-    err = self_recall_error(cand.phi_k, cand.v, linear_h, linear_s, config.eps)
-  else:
-    err = scores
-  return _top_l(jax.lax.stop_gradient(err), cand.valid, config.cache_size)
+  err = candidate_errors(config, cand, linear_h, linear_s, scores)
+  return _top_l(err, cand.valid, config.cache_size)
 
 
 def select_recency(
@@ -135,12 +128,7 @@ def select_recency(
 
 def _energies(config, cand, linear_h, linear_s, scores):
   """eps_i = sre_i^2 for valid candidates, 0 elsewhere; gradient-stopped."""
-  err = (
-    scores
-    if scores is not None
-    else self_recall_error(cand.phi_k, cand.v, linear_h, linear_s, config.eps)
-  )
-  err = jax.lax.stop_gradient(err)
+  err = candidate_errors(config, cand, linear_h, linear_s, scores)
   return jnp.where(cand.valid, err * err, 0.0)
 
 
@@ -246,12 +234,7 @@ def select_sre_below(
   lam = config.cache_size
   if lam == 0:
     return jnp.zeros(cand.valid.shape, bool)
-  err = (
-    scores
-    if scores is not None
-    else self_recall_error(cand.phi_k, cand.v, linear_h, linear_s, config.eps)
-  )
-  err = jax.lax.stop_gradient(err)
+  err = candidate_errors(config, cand, linear_h, linear_s, scores)
   if prior is None:
     votes = jnp.zeros(cand.valid.shape, jnp.int32)
   else:

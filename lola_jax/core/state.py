@@ -16,6 +16,13 @@ import jax.numpy as jnp
 from lola_jax.core.config import LoLAConfig
 
 
+def _size(leaf: str, axis: int, letter: str) -> property:
+  """A read-only size of the state: axis `axis` of the leaf `leaf`."""
+  return property(
+    lambda self: getattr(self, leaf).shape[axis], doc=f"{letter} ({leaf} axis {axis})"
+  )
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LoLAState:
@@ -60,34 +67,14 @@ class LoLAState:
   window_mass: jax.Array
   chunk_mass: jax.Array
 
-  # Sizes (static, read off the shapes).
-  @property
-  def batch(self) -> int:
-    return self.num_tokens.shape[-1]
-
-  @property
-  def num_kv_heads(self) -> int:
-    return self.linear_h.shape[-3]
-
-  @property
-  def cache_size(self) -> int:
-    return self.cache_k.shape[-2]
-
-  @property
-  def chunk_size(self) -> int:
-    return self.window_k.shape[-2]
-
-  @property
-  def key_dim(self) -> int:
-    return self.cache_k.shape[-1]
-
-  @property
-  def value_dim(self) -> int:
-    return self.cache_v.shape[-1]
-
-  @property
-  def feature_dim(self) -> int:
-    return self.linear_s.shape[-1]
+  # Sizes (static ints, read off the shapes; letters as in the module legend).
+  batch = _size("num_tokens", -1, "B")
+  num_kv_heads = _size("linear_h", -3, "Hkv")
+  cache_size = _size("cache_k", -2, "L")
+  chunk_size = _size("window_k", -2, "C")
+  key_dim = _size("cache_k", -1, "dk")
+  value_dim = _size("cache_v", -1, "dv")
+  feature_dim = _size("linear_s", -1, "D")
 
   @property
   def tracks_attention_mass(self) -> bool:

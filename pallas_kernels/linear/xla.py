@@ -7,7 +7,8 @@ All three compute, per batch row and query head i reading kv head h = i // (Hq /
 
 in float32 and return `(y [B,T,Hq,dv] float32, (H_T [B,Hkv,D,dv], s_T [B,Hkv,D]))`. Gradients come
 from JAX autodiff; the chunked form is the XLA path of `linear_attention` and the gradient reference
-of the Pallas kernel.
+of the Pallas kernel, the per-token scan its "reference" implementation, the quadratic form a
+third check (tests, benchmarks).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-HIGHEST = jax.lax.Precision.HIGHEST
+from pallas_kernels.common import HIGHEST
 
 
 def _grouped(phi_q, num_kv_heads):

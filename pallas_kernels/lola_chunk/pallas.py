@@ -18,12 +18,15 @@ with everything in fast memory:
            [cache; window] (the pairs competing for the cache when the chunk completes), read
            against the same H, s as the queries (the state *before* the end-of-chunk update).
 
-Selection (top-L), absorption and compaction stay in XLA (`lola_jax.sparse_cache`): they are
+The mix and the self-recall error are `pallas_kernels.equations`, the functions the XLA form
+(`lola_chunk.xla`) and the core call too.
+
+Selection (top-L), absorption and compaction stay in XLA (`lola_jax.core.selection`): they are
 gathers and a sort over L + C scores, cheap next to the matmuls above, and the policy boundary
 stays open for policies other than "sre".
 
 Gradients: `lola_chunk_step` has a custom VJP whose backward recomputes the step in XLA
-(`lola_chunk_step_xla`, the same math as `lola_jax.lola_attention._attend`) and differentiates it,
+(`lola_chunk.xla.lola_chunk_step_xla`, the core's XLA step) and differentiates it,
 so gradients equal the XLA path's. The self-recall errors are selection scores and are not
 differentiated (the core stops their gradient as well); their cotangent is ignored.
 
@@ -40,14 +43,10 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from lola_jax.core.mixing import mix_branches, softmax_branch
-from lola_jax.core.selection import self_recall_error
 from pallas_kernels import common
-from pallas_kernels.hybrid_xla import NEG, TINY
-from pallas_kernels.linear_attention import _dot
-
-F32 = jnp.float32
-_SQ = pl.squeezed
+from pallas_kernels.common import F32, NEG, dot, head_outputs, head_specs
+from pallas_kernels.equations import MIXES, mix_branches, mix_weights, self_recall_error
+from pallas_kernels.lola_chunk.xla import lola_chunk_step_xla
 
 
 def _chunk_kernel(
@@ -57,7 +56,7 @@ def _chunk_kernel(
   """One (batch row, kv head): q [Rp, dk], keys [Nkp, dk], candidates [Ncp, D] -> y, sre."""
   q, k, v = q_ref[...].astype(F32), k_ref[...].astype(F32), v_ref[...].astype(F32)
   h, s = h_ref[...].astype(F32), s_ref[...].astype(F32)  # [D, dv], [1, D]
-  logits = _dot(q, k, tb=True) * scale  # [Rp, Nkp]
+  logits = dot(q, k, tb=True) * scale  # [Rp, Nkp]
   col = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1)
   visible = (km_ref[...] > 0) & ((col < split) | (col - split <= qpos_ref[...]))
   masked = jnp.where(visible, logits, NEG)
@@ -65,28 +64,20 @@ def _chunk_kernel(
   m = jnp.where(m > 0.5 * NEG, m, 0.0)
   p = jnp.where(visible, jnp.exp(masked - m), 0.0)
   s_soft = jnp.sum(p, axis=1, keepdims=True)
-  n_soft = _dot(p, v)
+  n_soft = dot(p, v)
   pq = pq_ref[...].astype(F32)
-  a = _dot(pq, h)
+  a = dot(pq, h)
   z = jnp.sum(pq * s, axis=1, keepdims=True)
   lg, lg1 = lg_ref[...], lg1_ref[...]  # [Rp, 1] log g, log(1-g) of each row's query head
-  if mix == "gated":
-    log_ws = lg + m
-    top = jnp.maximum(log_ws, lg1 + jnp.log(jnp.maximum(jnp.abs(z), TINY)))
-    w_s, w_l = jnp.exp(log_ws - top), jnp.exp(lg1 - top)
-  else:
-    w_s, w_l = jnp.exp(lg) + 0.0 * m, jnp.ones_like(m)
-  den = w_s * s_soft + w_l * z
-  den = jnp.where(den == 0, 1.0, den)
-  y_ref[...] = (w_s * n_soft + w_l * a) / den
+  w_s, w_l = mix_weights(m, z, jnp.exp(lg), mix, log_gate=lg, log_1m_gate=lg1)
+  y, _ = mix_branches(w_s, w_l, s_soft, n_soft, a, z)
+  y_ref[...] = y
   if sre_refs:
     (sre_ref,) = sre_refs
     ncp = cphi_ref.shape[0]
     phi = cphi_ref[...].astype(F32)  # [Ncp, D]
     vc = v_ref[pl.ds(0, ncp), :].astype(F32)  # candidates are the first L + C keys
-    recalled = _dot(phi, h) / (jnp.sum(phi * s, axis=1, keepdims=True) + eps)
-    res = vc - recalled
-    sre_ref[...] = jnp.sqrt(jnp.sum(res * res, axis=1, keepdims=True))
+    sre_ref[...] = self_recall_error(phi, vc, h, s, eps)
 
 
 def _pad(x, shape):
@@ -122,26 +113,16 @@ def _forward_pallas(
   gate_rows = jnp.pad(gate_rows, ((0, 0), (0, rp - rows)), constant_values=0.5)[..., None]
   lg, lg1 = jnp.log(gate_rows), jnp.log1p(-gate_rows)
 
-  per_bh = lambda tail: pl.BlockSpec((_SQ, _SQ) + tail, lambda i, j: (i, j, 0, 0))
-  per_h = lambda tail: pl.BlockSpec((_SQ,) + tail, lambda i, j: (j, 0, 0))
+  per_bh = lambda *tails: head_specs(1, [("q", tail) for tail in tails])
+  per_h = pl.BlockSpec((pl.squeezed, rp, 1), lambda i, j: (j, 0, 0))  # one row block per kv head
   in_specs = [
-    per_bh((rp, dkp)),
-    per_bh((rp, dp)),
-    per_bh((nkp, dkp)),
-    per_bh((nkp, dvp)),
-    per_bh((1, nkp)),
+    *per_bh((rp, dkp), (rp, dp), (nkp, dkp), (nkp, dvp), (1, nkp)),
     pl.BlockSpec((rp, 1), lambda i, j: (0, 0)),
-    per_bh((ncp, dp)),
-    per_bh((dp, dvp)),
-    per_bh((1, dp)),
-    per_h((rp, 1)),
-    per_h((rp, 1)),
+    *per_bh((ncp, dp), (dp, dvp), (1, dp)),
+    per_h,
+    per_h,
   ]
-  out_shape = [jax.ShapeDtypeStruct((b, hkv, rp, dvp), F32)]
-  out_specs = [per_bh((rp, dvp))]
-  if with_sre:
-    out_shape.append(jax.ShapeDtypeStruct((b, hkv, ncp, 1), F32))
-    out_specs.append(per_bh((ncp, 1)))
+  out_shape, out_specs = head_outputs(b, hkv, [(rp, dvp), (ncp, 1)] if with_sre else [(rp, dvp)])
   kernel = functools.partial(
     _chunk_kernel, split=cache_size + c, scale=scale, mix=mix, eps=float(eps)
   )
@@ -156,35 +137,6 @@ def _forward_pallas(
   )(qr, pqr, kp, vp, km, qpos, cphi, hp, sp, lg, lg1)
   y = outs[0][:, :, :rows, :dv].reshape(b, hkv, g, c, dv)
   sre = outs[1][:, :, :nc, 0] if with_sre else None
-  return y, sre
-
-
-def chunk_mask(key_mask, cache_size: int, chunk_size: int):
-  """[B, Hkv, L + 2C] key validity -> [B, Hkv, C, L + 2C] softmax mask with the causal chunk."""
-  c, split = chunk_size, cache_size + chunk_size
-  col = jnp.arange(key_mask.shape[-1])
-  causal = (col[None, :] < split) | (col[None, :] - split <= jnp.arange(c)[:, None])
-  return key_mask[:, :, None, :] & causal
-
-
-def lola_chunk_step_xla(
-  q, phi_q, keys, values, key_mask, cand_phi_k, linear_h, linear_s, gate,
-  *, cache_size, scale, mix, eps, with_sre,
-):  # fmt: skip
-  """The same step in plain JAX (`lola_jax.mixing`): the oracle and the backward of the kernel."""
-  acc = linear_h.dtype
-  c = q.shape[-2]
-  mask = chunk_mask(key_mask, cache_size, c)
-  logits = jnp.einsum("bhgqd,bhkd->bhgqk", q, keys, preferred_element_type=acc) * scale
-  m, s, n = softmax_branch(logits, mask[:, :, None], values[:, :, None])
-  phi_q = phi_q.astype(acc)
-  lin_num = jnp.einsum("bhgqf,bhfe->bhgqe", phi_q, linear_h)
-  lin_den = jnp.einsum("bhgqf,bhf->bhgq", phi_q, linear_s)
-  y = mix_branches(m, s, n, lin_num, lin_den, gate[None, :, :, None], mix)
-  sre = None
-  if with_sre:
-    cand_v = values[:, :, : cache_size + c]
-    sre = self_recall_error(cand_phi_k, cand_v, linear_h, linear_s, eps)
   return y, sre
 
 
@@ -262,8 +214,8 @@ def lola_chunk_step(
     raise ValueError(f"keys must have L + 2C = {cache_size + 2 * c} rows, got {nk}")
   if cand_phi_k.shape[-2] != cache_size + c:
     raise ValueError(f"cand_phi_k must have L + C = {cache_size + c} rows, got {cand_phi_k.shape}")
-  if mix not in ("gated", "lolcats"):
-    raise ValueError(f"mix must be 'gated' or 'lolcats', got {mix!r}")
+  if mix not in MIXES:
+    raise ValueError(f"mix must be one of {MIXES}, got {mix!r}")
   scale = dk**-0.5 if softmax_scale is None else float(softmax_scale)
   interpret = common.interpret_mode() if interpret is None else interpret
   return _step(

@@ -37,18 +37,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels import common
-from pallas_kernels.linear_xla import linear_attention_chunked, linear_attention_scan
-
-F32 = jnp.float32
-_SQ = pl.squeezed
-
-
-def _dot(a, b, ta=False, tb=False):
-  """a @ b in float32 with optional transposes (a^T: contract dim 0 of a; b^T: dim 1 of b)."""
-  dims = (((0,) if ta else (1,)), ((1,) if tb else (0,)))
-  return jax.lax.dot_general(
-    a, b, (dims, ((), ())), precision=jax.lax.Precision.HIGHEST, preferred_element_type=F32
-  )
+from pallas_kernels.common import F32, dot, head_outputs, head_specs
 
 
 def _causal_mask(c):
@@ -65,12 +54,12 @@ def _fwd_kernel(q_ref, k_ref, v_ref, h0_ref, s0_ref, y_ref, den_ref, h_ref, s_re
     h, s = carry
     sl = pl.ds(pl.multiple_of(i * c, c), c)
     q, k, v = q_ref[sl, :].astype(F32), k_ref[sl, :].astype(F32), v_ref[sl, :].astype(F32)
-    a = jnp.where(mask, _dot(q, k, tb=True), 0.0)
-    num = _dot(q, h) + _dot(a, v)
+    a = jnp.where(mask, dot(q, k, tb=True), 0.0)
+    num = dot(q, h) + dot(a, v)
     den = jnp.sum(q * s, axis=1, keepdims=True) + jnp.sum(a, axis=1, keepdims=True) + eps
     y_ref[sl, :] = num / den
     den_ref[sl, :] = den
-    return h + _dot(k, v, ta=True), s + jnp.sum(k, axis=0, keepdims=True)
+    return h + dot(k, v, ta=True), s + jnp.sum(k, axis=0, keepdims=True)
 
   h, s = jax.lax.fori_loop(0, n, body, (h0_ref[...].astype(F32), s0_ref[...].astype(F32)))
   h_ref[...] = h
@@ -87,61 +76,47 @@ def _bwd_kernel(
     sl = pl.ds(pl.multiple_of(i * c, c), c)
     q, k, v = q_ref[sl, :].astype(F32), k_ref[sl, :].astype(F32), v_ref[sl, :].astype(F32)
     g, gd = g_ref[sl, :], gd_ref[sl, :]
-    da = jnp.where(mask, _dot(g, v, tb=True) + gd, 0.0)
+    da = jnp.where(mask, dot(g, v, tb=True) + gd, 0.0)
     return sl, q, k, v, g, gd, da
 
   def fwd_body(i, carry):
     h, s = carry
     sl, q, k, v, g, gd, da = load(i)
-    dq_ref[sl, :] = (_dot(g, h, tb=True) + gd * s + _dot(da, k)).astype(dq_ref.dtype)
-    return h + _dot(k, v, ta=True), s + jnp.sum(k, axis=0, keepdims=True)
+    dq_ref[sl, :] = (dot(g, h, tb=True) + gd * s + dot(da, k)).astype(dq_ref.dtype)
+    return h + dot(k, v, ta=True), s + jnp.sum(k, axis=0, keepdims=True)
 
   jax.lax.fori_loop(0, n, fwd_body, (h0_ref[...].astype(F32), s0_ref[...].astype(F32)))
 
   def rev_body(j, carry):
     dh, ds = carry
     sl, q, k, v, g, gd, da = load(n - 1 - j)
-    a = jnp.where(mask, _dot(q, k, tb=True), 0.0)
-    dk_ref[sl, :] = _dot(v, dh, tb=True) + ds + _dot(da, q, ta=True)
-    dv_ref[sl, :] = _dot(k, dh) + _dot(a, g, ta=True)
-    return dh + _dot(q, g, ta=True), ds + jnp.sum(q * gd, axis=0, keepdims=True)
+    a = jnp.where(mask, dot(q, k, tb=True), 0.0)
+    dk_ref[sl, :] = dot(v, dh, tb=True) + ds + dot(da, q, ta=True)
+    dv_ref[sl, :] = dot(k, dh) + dot(a, g, ta=True)
+    return dh + dot(q, g, ta=True), ds + jnp.sum(q * gd, axis=0, keepdims=True)
 
   dh, ds = jax.lax.fori_loop(0, n, rev_body, (dht_ref[...], dst_ref[...]))
   dh0_ref[...] = dh
   ds0_ref[...] = ds
 
 
-def _specs(group, shapes):
-  """BlockSpecs over grid (B, Hq): `shapes` maps each operand to ("q"|"kv", block tail)."""
-
-  def spec(kind, tail):
-    zeros = (0,) * len(tail)
-    div = 1 if kind == "q" else group
-    return pl.BlockSpec((_SQ, _SQ) + tuple(tail), lambda b, h: (b, h // div) + zeros)
-
-  return [spec(kind, tail) for kind, tail in shapes]
+def _input_specs(group, tp, d, dv):
+  """Specs of (phi_q, phi_k, v, H0, s0) over grid (B, Hq)."""
+  return head_specs(
+    group, [("q", (tp, d)), ("kv", (tp, d)), ("kv", (tp, dv)), ("kv", (d, dv)), ("kv", (1, d))]
+  )
 
 
 def _forward(q, k, v, h0, s0, *, c, eps, interpret):
   """Runs the forward kernel on head-major padded inputs; returns per-query-head outputs."""
   b, hq, tp, d = q.shape
   hkv, dv = v.shape[1], v.shape[3]
-  kernel = functools.partial(_fwd_kernel, c=c, n=tp // c, eps=eps)
-  in_specs = _specs(
-    hq // hkv, [("q", (tp, d)), ("kv", (tp, d)), ("kv", (tp, dv)), ("kv", (d, dv)), ("kv", (1, d))]
-  )
-  out_specs = _specs(1, [("q", (tp, dv)), ("q", (tp, 1)), ("q", (d, dv)), ("q", (1, d))])
-  out_shape = [
-    jax.ShapeDtypeStruct((b, hq, tp, dv), F32),
-    jax.ShapeDtypeStruct((b, hq, tp, 1), F32),
-    jax.ShapeDtypeStruct((b, hq, d, dv), F32),
-    jax.ShapeDtypeStruct((b, hq, 1, d), F32),
-  ]
+  out_shape, out_specs = head_outputs(b, hq, [(tp, dv), (tp, 1), (d, dv), (1, d)])
   return pl.pallas_call(
-    kernel,
+    functools.partial(_fwd_kernel, c=c, n=tp // c, eps=eps),
     out_shape=out_shape,
     grid=(b, hq),
-    in_specs=in_specs,
+    in_specs=_input_specs(hq // hkv, tp, d, dv),
     out_specs=out_specs,
     interpret=interpret,
     name="lola_linear_attention_fwd",
@@ -174,26 +149,13 @@ def _linear_bwd(c, eps, interpret, res, cts):
   # The final-state cotangent enters once per kv head: give it to the group's first query head.
   dht_q = jnp.zeros((b, hq, d, dv), F32).at[:, ::group].set(dht.astype(F32))
   dst_q = jnp.zeros((b, hq, 1, d), F32).at[:, ::group].set(dst.astype(F32))
-  in_specs = _specs(
-    group,
-    [("q", (tp, d)), ("kv", (tp, d)), ("kv", (tp, dv)), ("kv", (d, dv)), ("kv", (1, d))]
-    + [("q", (tp, dv)), ("q", (tp, 1)), ("q", (d, dv)), ("q", (1, d))],
-  )
-  out_specs = _specs(
-    1, [("q", (tp, d)), ("q", (tp, d)), ("q", (tp, dv)), ("q", (d, dv)), ("q", (1, d))]
-  )
-  out_shape = [
-    jax.ShapeDtypeStruct((b, hq, tp, d), F32),
-    jax.ShapeDtypeStruct((b, hq, tp, d), F32),
-    jax.ShapeDtypeStruct((b, hq, tp, dv), F32),
-    jax.ShapeDtypeStruct((b, hq, d, dv), F32),
-    jax.ShapeDtypeStruct((b, hq, 1, d), F32),
-  ]
+  cotangent_specs = head_specs(1, [("q", (tp, dv)), ("q", (tp, 1)), ("q", (d, dv)), ("q", (1, d))])
+  out_shape, out_specs = head_outputs(b, hq, [(tp, d), (tp, d), (tp, dv), (d, dv), (1, d)])
   dq, dk, dvv, dh0, ds0 = pl.pallas_call(
     functools.partial(_bwd_kernel, c=c, n=tp // c),
     out_shape=out_shape,
     grid=(b, hq),
-    in_specs=in_specs,
+    in_specs=_input_specs(group, tp, d, dv) + cotangent_specs,
     out_specs=out_specs,
     interpret=interpret,
     name="lola_linear_attention_bwd",
@@ -234,80 +196,3 @@ def linear_attention_pallas(
     s0 = jnp.pad(initial_state[1].astype(F32), [(0, 0), (0, 0), (0, dp - d)])[:, :, None, :]
   y, h, s = _linear_core(q, k, vv, h0, s0, c, float(eps), interpret)
   return common.from_heads(y, t, dv), (h[:, :, :d, :dv], s[:, :, 0, :d])
-
-
-def validate_linear_inputs(phi_q, phi_k, v, chunk_size, initial_state, eps):
-  """Raises a ValueError naming the argument, what it got and the expected shape."""
-  common.check_rank("phi_q", phi_q, 4, "[B, T, Hq, D]")
-  b, t, hq, d = phi_q.shape
-  common.check_rank("phi_k", phi_k, 4, "[B, T, Hkv, D]")
-  hkv = phi_k.shape[2]
-  common.check_shape("phi_k", phi_k, (b, t, hkv, d), "[B, T, Hkv, D]")
-  common.check_rank("v", v, 4, "[B, T, Hkv, dv]")
-  dv = v.shape[3]
-  common.check_shape("v", v, (b, t, hkv, dv), "[B, T, Hkv, dv]")
-  if hkv < 1 or hq % hkv:
-    raise ValueError(f"phi_q heads ({hq}) must be a multiple of phi_k/v heads ({hkv})")
-  if t < 1:
-    raise ValueError(f"phi_q must have T >= 1, got shape {phi_q.shape}")
-  for name, x in (("phi_q", phi_q), ("phi_k", phi_k), ("v", v)):
-    common.check_float(name, x)
-  common.check_positive_int("chunk_size", chunk_size)
-  if not (isinstance(eps, (int, float)) and eps >= 0):
-    raise ValueError(f"eps must be a float >= 0, got {eps!r}")
-  if initial_state is not None:
-    if not (isinstance(initial_state, (tuple, list)) and len(initial_state) == 2):
-      raise ValueError("initial_state must be None or a pair (H0 [B,Hkv,D,dv], s0 [B,Hkv,D])")
-    common.check_shape("initial_state[0]", initial_state[0], (b, hkv, d, dv), "[B, Hkv, D, dv]")
-    common.check_shape("initial_state[1]", initial_state[1], (b, hkv, d), "[B, Hkv, D]")
-
-
-@functools.partial(
-  jax.jit, static_argnames=("chunk_size", "eps", "implementation", "block_sizes", "interpret")
-)
-def _dispatch(phi_q, phi_k, v, initial_state, chunk_size, eps, implementation, block_sizes,
-              interpret):  # fmt: skip
-  if implementation == "pallas":
-    y, state = linear_attention_pallas(
-      phi_q, phi_k, v, chunk_size=chunk_size, initial_state=initial_state, eps=eps,
-      block_sizes=block_sizes, interpret=interpret,
-    )  # fmt: skip
-  elif implementation == "xla":
-    y, state = linear_attention_chunked(
-      phi_q, phi_k, v, chunk_size=chunk_size, initial_state=initial_state, eps=eps
-    )
-  else:
-    y, state = linear_attention_scan(phi_q, phi_k, v, initial_state=initial_state, eps=eps)
-  return y.astype(phi_q.dtype), state
-
-
-def linear_attention(
-  phi_q,  # [B, T, Hq, D] feature-mapped queries
-  phi_k,  # [B, T, Hkv, D] feature-mapped keys
-  v,  # [B, T, Hkv, dv] values
-  *,
-  chunk_size: int = 64,
-  initial_state=None,  # None or (H0 [B, Hkv, D, dv], s0 [B, Hkv, D])
-  eps: float = 1e-6,
-  implementation: str | None = None,
-  block_sizes: common.BlockSizes | None = None,
-  interpret=None,
-):
-  """Causal linear attention: `(y [B,T,Hq,dv] in phi_q.dtype, (H [B,Hkv,D,dv], s [B,Hkv,D]))`.
-
-  `y_t = phi_q_t^T H_t / (phi_q_t^T s_t + eps)` with `H_t = H_0 + sum_{j<=t} phi_k_j v_j^T` and
-  `s_t = s_0 + sum_{j<=t} phi_k_j`. The final state is float32, so calls chain: feeding it back as
-  `initial_state` continues the sequence. Differentiable in all inputs, `initial_state` included,
-  and through the returned state.
-
-  implementation: None picks "pallas" on TPU and "xla" (chunked `lax.scan`) on GPU/CPU; "pallas"
-  on CPU runs the kernel in interpret mode; "reference" is the per-token scan. `interpret`
-  overrides the interpret mode (e.g. `pltpu.InterpretParams()` for the TPU interpreter).
-  """
-  validate_linear_inputs(phi_q, phi_k, v, chunk_size, initial_state, eps)
-  impl = common.resolve_implementation(implementation)
-  if initial_state is not None:
-    initial_state = tuple(initial_state)
-  return _dispatch(
-    phi_q, phi_k, v, initial_state, chunk_size, float(eps), impl, block_sizes, interpret
-  )

@@ -1,6 +1,6 @@
 """The fused hybrid (LoLA with an empty cache) as one Pallas kernel, forward and backward.
 
-Semantics: `pallas_kernels.hybrid_xla` (terraced window of chunk n-1 plus the causal part of chunk
+Semantics: `pallas_kernels.hybrid.xla` (terraced window of chunk n-1 plus the causal part of chunk
 n with exact softmax, linear state over chunks <= n-2, gated mix in log space or lolcats mix).
 
 Forward, one program per (batch row, query head), walking the chunks with the linear state (H, s)
@@ -28,10 +28,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels import common
-from pallas_kernels.hybrid_xla import NEG, TINY, hybrid_attention_xla
-from pallas_kernels.linear_attention import _dot, _specs
-
-F32 = jnp.float32
+from pallas_kernels.common import F32, NEG, dot, head_outputs, head_specs
+from pallas_kernels.equations import mix_branches, mix_weights
 
 
 def _window(i, c, q_ref, k_ref, v_ref, scale):
@@ -45,8 +43,8 @@ def _window(i, c, q_ref, k_ref, v_ref, scale):
   col = jax.lax.broadcasted_iota(jnp.int32, (c, c), 1)
   okp = jnp.broadcast_to(i > 0, (c, c))
   okc = row >= col
-  lp = jnp.where(okp, _dot(q, kp, tb=True) * scale, NEG)
-  lc = jnp.where(okc, _dot(q, kc, tb=True) * scale, NEG)
+  lp = jnp.where(okp, dot(q, kp, tb=True) * scale, NEG)
+  lc = jnp.where(okc, dot(q, kc, tb=True) * scale, NEG)
   return cur, prv, q, kp, kc, vp, vc, lp, lc, okp, okc
 
 
@@ -63,25 +61,19 @@ def _fwd_kernel(
     pp = jnp.where(okp, jnp.exp(lp - m), 0.0)
     pc = jnp.where(okc, jnp.exp(lc - m), 0.0)
     s_soft = jnp.sum(pp, axis=1, keepdims=True) + jnp.sum(pc, axis=1, keepdims=True)
-    n_soft = _dot(pp, vp) + _dot(pc, vc)
+    n_soft = dot(pp, vp) + dot(pc, vc)
     pq = pq_ref[cur, :].astype(F32)
-    a = _dot(pq, h)
+    a = dot(pq, h)
     z = jnp.sum(pq * s, axis=1, keepdims=True)
-    if mix == "gated":
-      log_ws = lg + m
-      top = jnp.maximum(log_ws, lg1 + jnp.log(jnp.maximum(jnp.abs(z), TINY)))
-      w_s, w_l = jnp.exp(log_ws - top), jnp.exp(lg1 - top)
-    else:
-      w_s, w_l = jnp.exp(lg) + 0.0 * m, jnp.ones_like(m)
-    den = w_s * s_soft + w_l * z
-    den = jnp.where(den == 0, 1.0, den)
-    y_ref[cur, :] = (w_s * n_soft + w_l * a) / den
+    w_s, w_l = mix_weights(m, z, jnp.exp(lg), mix, log_gate=lg, log_1m_gate=lg1)
+    y, den = mix_branches(w_s, w_l, s_soft, n_soft, a, z)
+    y_ref[cur, :] = y
     lse_ref[cur, :] = m - jnp.log(w_s) + jnp.log(den)
     rho_ref[cur, :] = w_l / den
     # Chunk n-1 leaves the window: absorb it (nothing to absorb at n = 0).
     keep = (i > 0).astype(F32)
     pk = pk_ref[prv, :].astype(F32) * keep
-    return h + _dot(pk, vp, ta=True), s + jnp.sum(pk, axis=0, keepdims=True)
+    return h + dot(pk, vp, ta=True), s + jnp.sum(pk, axis=0, keepdims=True)
 
   d, dv = pq_ref.shape[1], v_ref.shape[1]
   jax.lax.fori_loop(0, n, body, (jnp.zeros((d, dv), F32), jnp.zeros((1, d), F32)))
@@ -102,8 +94,8 @@ def _bwd_kernel(
     delta = jnp.sum(dy * y, axis=1, keepdims=True)
     pp = jnp.where(okp, jnp.exp(lp - lse), 0.0)
     pc = jnp.where(okc, jnp.exp(lc - lse), 0.0)
-    dlp = pp * (_dot(dy, vp, tb=True) - delta)
-    dlc = pc * (_dot(dy, vc, tb=True) - delta)
+    dlp = pp * (dot(dy, vp, tb=True) - delta)
+    dlc = pc * (dot(dy, vc, tb=True) - delta)
     tot = jnp.sum(dlp, axis=1, keepdims=True) + jnp.sum(dlc, axis=1, keepdims=True)
     if mix == "gated":
       dg_ref[cur, :] = tot * jnp.exp(-lg - lg1)
@@ -114,15 +106,15 @@ def _bwd_kernel(
       ic = jnp.where(okc & (lc == m), 1.0, 0.0)
       share = tot / (jnp.sum(ip, axis=1, keepdims=True) + jnp.sum(ic, axis=1, keepdims=True))
       dlp, dlc = dlp - ip * share, dlc - ic * share
-    dq_ref[cur, :] = scale * (_dot(dlp, kp) + _dot(dlc, kc))
-    dk_ref[cur, :] = scale * _dot(dlc, q, ta=True)
-    dv_ref[cur, :] = _dot(pc, dy, ta=True)
-    dk_ref[prv, :] += scale * _dot(dlp, q, ta=True)  # zero at i = 0 (pp, dlp are masked)
-    dv_ref[prv, :] += _dot(pp, dy, ta=True)
-    dpq_ref[cur, :] = rho * (_dot(dy, h, tb=True) - delta * s)
+    dq_ref[cur, :] = scale * (dot(dlp, kp) + dot(dlc, kc))
+    dk_ref[cur, :] = scale * dot(dlc, q, ta=True)
+    dv_ref[cur, :] = dot(pc, dy, ta=True)
+    dk_ref[prv, :] += scale * dot(dlp, q, ta=True)  # zero at i = 0 (pp, dlp are masked)
+    dv_ref[prv, :] += dot(pp, dy, ta=True)
+    dpq_ref[cur, :] = rho * (dot(dy, h, tb=True) - delta * s)
     keep = (i > 0).astype(F32)
     pk = pk_ref[prv, :].astype(F32) * keep
-    return h + _dot(pk, vp, ta=True), s + jnp.sum(pk, axis=0, keepdims=True)
+    return h + dot(pk, vp, ta=True), s + jnp.sum(pk, axis=0, keepdims=True)
 
   jax.lax.fori_loop(0, n, fwd_body, (jnp.zeros((d, dvd), F32), jnp.zeros((1, d), F32)))
 
@@ -131,22 +123,23 @@ def _bwd_kernel(
     j = n - 1 - jj
     cur = pl.ds(pl.multiple_of(j * c, c), c)
     pk, v = pk_ref[cur, :].astype(F32), v_ref[cur, :].astype(F32)
-    dpk_ref[cur, :] = _dot(v, r, tb=True) + rs
-    dv_ref[cur, :] += _dot(pk, r)
+    dpk_ref[cur, :] = dot(v, r, tb=True) + rs
+    dv_ref[cur, :] += dot(pk, r)
     # Add the state cotangent of chunk j + 1's queries for the next (earlier) chunk.
     nxt = pl.ds(pl.multiple_of(jnp.minimum(j + 1, n - 1) * c, c), c)
     keep = (j + 1 < n).astype(F32)
     pq = pq_ref[nxt, :].astype(F32) * keep
     dy, y, rho = dy_ref[nxt, :].astype(F32), y_ref[nxt, :], rho_ref[nxt, :]
     delta = jnp.sum(dy * y, axis=1, keepdims=True)
-    return r + _dot(pq, rho * dy, ta=True), rs - jnp.sum(pq * (rho * delta), axis=0, keepdims=True)
+    return r + dot(pq, rho * dy, ta=True), rs - jnp.sum(pq * (rho * delta), axis=0, keepdims=True)
 
   jax.lax.fori_loop(0, n, rev_body, (jnp.zeros((d, dvd), F32), jnp.zeros((1, d), F32)))
 
 
 def _in_specs(group, tp, dk, dv, d):
+  """Specs of (q, k, v, phi_q, phi_k, log g, log(1-g)) over grid (B, Hq)."""
   return (
-    _specs(
+    head_specs(
       group,
       [("q", (tp, dk)), ("kv", (tp, dk)), ("kv", (tp, dv)), ("q", (tp, d)), ("kv", (tp, d))],
     )
@@ -157,16 +150,13 @@ def _in_specs(group, tp, dk, dv, d):
 def _forward(q, k, v, pq, pk, lg, lg1, *, c, scale, mix, interpret):
   b, hq, tp, dk = q.shape
   hkv, dv, d = v.shape[1], v.shape[3], pq.shape[3]
+  out_shape, out_specs = head_outputs(b, hq, [(tp, dv), (tp, 1), (tp, 1)])
   return pl.pallas_call(
     functools.partial(_fwd_kernel, c=c, n=tp // c, scale=scale, mix=mix),
-    out_shape=[
-      jax.ShapeDtypeStruct((b, hq, tp, dv), F32),
-      jax.ShapeDtypeStruct((b, hq, tp, 1), F32),
-      jax.ShapeDtypeStruct((b, hq, tp, 1), F32),
-    ],
+    out_shape=out_shape,
     grid=(b, hq),
     in_specs=_in_specs(hq // hkv, tp, dk, dv, d),
-    out_specs=_specs(1, [("q", (tp, dv)), ("q", (tp, 1)), ("q", (tp, 1))]),
+    out_specs=out_specs,
     interpret=interpret,
     name="lola_hybrid_fwd",
   )(q, k, v, pq, pk, lg, lg1)
@@ -194,14 +184,16 @@ def _hybrid_bwd(c, scale, mix, interpret, res, dy):
   b, hq, tp, dk = q.shape
   hkv, dv, d = v.shape[1], v.shape[3], pq.shape[3]
   lg, lg1 = _log_gates(gate)
-  shapes = [(tp, dk), (tp, dk), (tp, dv), (tp, d), (tp, d), (tp, 1)]
+  out_shape, out_specs = head_outputs(
+    b, hq, [(tp, dk), (tp, dk), (tp, dv), (tp, d), (tp, d), (tp, 1)]
+  )
   dq, dk_, dv_, dpq, dpk, dg = pl.pallas_call(
     functools.partial(_bwd_kernel, c=c, n=tp // c, scale=scale, mix=mix),
-    out_shape=[jax.ShapeDtypeStruct((b, hq) + s, F32) for s in shapes],
+    out_shape=out_shape,
     grid=(b, hq),
     in_specs=_in_specs(hq // hkv, tp, dk, dv, d)
-    + _specs(1, [("q", (tp, dv)), ("q", (tp, dv)), ("q", (tp, 1)), ("q", (tp, 1))]),
-    out_specs=_specs(1, [("q", s) for s in shapes]),
+    + head_specs(1, [("q", (tp, dv)), ("q", (tp, dv)), ("q", (tp, 1)), ("q", (tp, 1))]),
+    out_specs=out_specs,
     interpret=interpret,
     name="lola_hybrid_bwd",
   )(q, k, v, pq, pk, lg, lg1, dy.astype(F32), y, lse, rho)
@@ -243,91 +235,3 @@ def hybrid_attention_pallas(
     interpret,
   )
   return common.from_heads(y, t, dv)
-
-
-def validate_hybrid_inputs(q, k, v, phi_q, phi_k, gate, chunk_size, mix, softmax_scale):
-  """Raises a ValueError naming the argument, what it got and the expected shape."""
-  common.check_rank("q", q, 4, "[B, T, Hq, dk]")
-  b, t, hq, dk = q.shape
-  common.check_rank("k", k, 4, "[B, T, Hkv, dk]")
-  hkv = k.shape[2]
-  common.check_shape("k", k, (b, t, hkv, dk), "[B, T, Hkv, dk]")
-  common.check_rank("v", v, 4, "[B, T, Hkv, dv]")
-  common.check_shape("v", v, (b, t, hkv, v.shape[3]), "[B, T, Hkv, dv]")
-  common.check_rank("phi_q", phi_q, 4, "[B, T, Hq, D]")
-  d = phi_q.shape[3]
-  common.check_shape("phi_q", phi_q, (b, t, hq, d), "[B, T, Hq, D]")
-  common.check_shape("phi_k", phi_k, (b, t, hkv, d), "[B, T, Hkv, D]")
-  common.check_shape("gate", gate, (hq,), "[Hq]")
-  if hkv < 1 or hq % hkv:
-    raise ValueError(f"q heads ({hq}) must be a multiple of k/v heads ({hkv})")
-  if t < 1:
-    raise ValueError(f"q must have T >= 1, got shape {q.shape}")
-  for name, x in (("q", q), ("k", k), ("v", v), ("phi_q", phi_q), ("phi_k", phi_k), ("gate", gate)):
-    common.check_float(name, x)
-  common.check_positive_int("chunk_size", chunk_size)
-  if mix not in ("gated", "lolcats"):
-    raise ValueError(f"mix must be 'gated' or 'lolcats', got {mix!r}")
-  if softmax_scale is not None and not (
-    isinstance(softmax_scale, (int, float)) and softmax_scale > 0
-  ):
-    raise ValueError(f"softmax_scale must be None or a float > 0, got {softmax_scale!r}")
-
-
-@functools.partial(
-  jax.jit,
-  static_argnames=("chunk_size", "mix", "softmax_scale", "impl", "block_sizes", "interpret"),
-)
-def _dispatch(q, k, v, phi_q, phi_k, gate, chunk_size, mix, softmax_scale, impl, block_sizes,
-              interpret):  # fmt: skip
-  if impl == "pallas":
-    y = hybrid_attention_pallas(
-      q, k, v, phi_q, phi_k, gate, chunk_size=chunk_size, mix=mix, softmax_scale=softmax_scale,
-      block_sizes=block_sizes, interpret=interpret,
-    )  # fmt: skip
-  else:
-    y = hybrid_attention_xla(
-      q, k, v, phi_q, phi_k, gate, chunk_size=chunk_size, mix_name=mix,
-      softmax_scale=softmax_scale,
-    )  # fmt: skip
-  return y.astype(q.dtype)
-
-
-def hybrid_attention(
-  q,  # [B, T, Hq, dk]
-  k,  # [B, T, Hkv, dk]
-  v,  # [B, T, Hkv, dv]
-  phi_q,  # [B, T, Hq, D]
-  phi_k,  # [B, T, Hkv, D]
-  gate,  # [Hq] in (0, 1)
-  *,
-  chunk_size: int = 64,
-  mix: str = "gated",
-  softmax_scale: float | None = None,
-  implementation: str | None = None,
-  block_sizes: common.BlockSizes | None = None,
-  interpret=None,
-):
-  """LoLA with an empty sparse cache (terraced window + linear attention): y [B, T, Hq, dv].
-
-  Equals `lola_jax.lola_prefill(..., config=LoLAConfig(cache_size=0, chunk_size, mix))` from a
-  fresh state (equations in the module docstrings of this file and `hybrid_xla`). Differentiable
-  in q, k, v, phi_q, phi_k and gate. implementation: None = "pallas" on TPU, "xla" on GPU/CPU;
-  "reference" is the XLA form as well (the float64 reference lives in `lola_jax.lola_reference`).
-  """
-  validate_hybrid_inputs(q, k, v, phi_q, phi_k, gate, chunk_size, mix, softmax_scale)
-  impl = common.resolve_implementation(implementation)
-  native = not (common.interpret_mode() if interpret is None else interpret)
-  bs = block_sizes or common.BlockSizes.get_default()
-  if impl == "pallas" and native and bs.pow2 and chunk_size & (chunk_size - 1):
-    # The chunk is the window, so it cannot be padded; Triton tensors must be powers of two.
-    if implementation is None:
-      impl = "xla"
-    else:
-      raise ValueError(
-        f"chunk_size must be a power of two for the compiled Pallas kernel on "
-        f"{jax.default_backend()} (Triton), got {chunk_size}; use implementation='xla'"
-      )
-  return _dispatch(
-    q, k, v, phi_q, phi_k, gate, chunk_size, mix, softmax_scale, impl, block_sizes, interpret
-  )

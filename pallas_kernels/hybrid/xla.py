@@ -7,7 +7,9 @@ the window, m = max l, S = sum e^{l-m}, N = sum e^{l-m} v, a = phi_q^T H_n, z = 
 
   gated:    y = (g e^m N + (1-g) a) / (g e^m S + (1-g) z), evaluated with weights shifted by
             c = max(log g + m, log(1-g) + log|z|) so logits of any size stay finite;
-  lolcats:  y = (g N + a) / (g S + z).
+  lolcats:  y = (g N + a) / (g S + z)
+
+(`pallas_kernels.equations`, shared with the kernel and the core).
 
 The lolcats form depends on m itself (the branches are not rescaled together), so its gradient
 flows through m = max l to the arg-max logit (ties split evenly, as `jnp.max` does).
@@ -18,22 +20,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-HIGHEST = jax.lax.Precision.HIGHEST
-TINY = 1e-30
-NEG = -1e30
-
-
-def mix(m, s, n, a, z, log_g, log_1mg, mix_name):
-  """Returns (y, w_s, w_l, den): y = (w_s N + w_l a) / den with den = w_s S + w_l z."""
-  if mix_name == "gated":
-    log_ws = log_g + m
-    c = jax.lax.stop_gradient(jnp.maximum(log_ws, log_1mg + jnp.log(jnp.maximum(jnp.abs(z), TINY))))
-    w_s, w_l = jnp.exp(log_ws - c), jnp.exp(log_1mg - c)
-  else:
-    w_s, w_l = jnp.exp(log_g) + 0.0 * m, jnp.ones_like(m)
-  den = w_s * s + w_l * z
-  den = jnp.where(den == 0, 1.0, den)
-  return (w_s[..., None] * n + w_l[..., None] * a) / den[..., None], w_s, w_l, den
+from pallas_kernels.common import HIGHEST, NEG
+from pallas_kernels.equations import mix_branches, mix_weights
 
 
 def hybrid_attention_xla(q, k, v, phi_q, phi_k, gate, *, chunk_size, mix_name, softmax_scale):
@@ -62,11 +50,11 @@ def hybrid_attention_xla(q, k, v, phi_q, phi_k, gate, *, chunk_size, mix_name, s
   has_prev = (jnp.arange(n) > 0)[:, None, None]
   valid = jnp.where(col < c, has_prev, (col - c) <= row)  # [N, C, 2C]
   masked = jnp.where(valid, logits, NEG)
-  m = jnp.max(masked, axis=-1)
+  m = jnp.max(masked, axis=-1, keepdims=True)
   if mix_name == "gated":
     m = jax.lax.stop_gradient(m)  # the gated form is invariant to the shift
-  p = jnp.where(valid, jnp.exp(masked - m[..., None]), 0.0)
-  s_soft = p.sum(-1)
+  p = jnp.where(valid, jnp.exp(masked - m), 0.0)
+  s_soft = p.sum(-1, keepdims=True)
   n_soft = jnp.einsum("bhgnqk,bhnkv->bhgnqv", p, vw, precision=HIGHEST)
   # Linear state at the start of chunk n: chunks <= n-2.
   kv = jnp.einsum("bhncd,bhncv->bhndv", pk, vc, precision=HIGHEST)
@@ -75,8 +63,9 @@ def hybrid_attention_xla(q, k, v, phi_q, phi_k, gate, *, chunk_size, mix_name, s
   h = shift2(kv)[:, :, :n]
   sv = shift2(ks)[:, :, :n]
   a = jnp.einsum("bhgnqd,bhndv->bhgnqv", pq, h, precision=HIGHEST)
-  z = jnp.einsum("bhgnqd,bhnd->bhgnq", pq, sv, precision=HIGHEST)
-  g = gate.astype(jnp.float32).reshape(hkv, grp)[None, :, :, None, None]
-  y = mix(m, s_soft, n_soft, a, z, jnp.log(g), jnp.log1p(-g), mix_name)[0]
+  z = jnp.einsum("bhgnqd,bhnd->bhgnq", pq, sv, precision=HIGHEST)[..., None]
+  g = gate.astype(jnp.float32).reshape(hkv, grp)[None, :, :, None, None, None]
+  w_s, w_l = mix_weights(m, z, g, mix_name)
+  y, _ = mix_branches(w_s, w_l, s_soft, n_soft, a, z)
   y = y.reshape(b, hq, n * c, dv)[:, :, :t]
   return jnp.swapaxes(y, 1, 2)
