@@ -1,0 +1,99 @@
+"""The LoLA equations every form of every op shares: the mix and the self-recall error.
+
+Each formula lives here once. The Pallas kernel bodies (`hybrid`, `lola_chunk`), the XLA forms
+(`hybrid.xla`, `lola_chunk.xla`) and the core's scan (`lola_jax.core`) all call these functions,
+so a kernel and its XLA twin cannot drift apart. They are elementwise jnp code plus one matmul,
+which Pallas (Mosaic, Triton, interpret mode) and XLA lower alike.
+
+Row convention: every per-query quantity keeps a trailing axis of 1 (m, S, z: [..., R, 1]) so it
+broadcasts against the per-query vectors (N, a: [..., R, dv]); kernels hold [R, 1] blocks.
+
+The mix. With l_i the logits of the softmax set, its statistics m = max_i l_i, S = sum e^{l_i-m},
+N = sum e^{l_i-m} v_i, and the linear read-out a = phi_q^T H, z = phi_q^T s:
+
+  gated:    y = (g e^m N + (1-g) a) / (g e^m S + (1-g) z)
+  lolcats:  y = (g N + a) / (g S + z)
+
+Both are y = (w_s N + w_l a) / (w_s S + w_l z). The gated weights are shifted by
+c = max(log g + m, log(1-g) + log|z|) (log space), so
+
+  w_s = e^{log g + m - c} <= 1,    w_l = e^{log(1-g) - c}  (w_l |z| <= 1)
+
+stay finite for logits of any size; the shift cancels in y and is not differentiated.
+
+The self-recall error of a pair (k, v) against the linear state (H, s):
+
+  sre(k, v) = || v - phi_k^T H / (phi_k^T s + eps) ||_2.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.common import HIGHEST
+
+MIXES = ("gated", "lolcats")
+
+# Smallest |z| in the log of the linear mass (keeps w_l finite when the state is empty).
+TINY = 1e-30
+
+
+def mix_weights(m, z, gate, mix: str, *, log_gate=None, log_1m_gate=None):
+  """The branch weights (w_s, w_l) of the mix (module docstring), elementwise.
+
+  Args:
+    m: [..., R, 1] max logit of each row's softmax set.
+    z: [..., R, 1] linear mass phi_q^T s.
+    gate: g in (0, 1), broadcastable to m.
+    mix: "gated" or "lolcats".
+    log_gate, log_1m_gate: log g and log(1-g) when the caller has them (kernels receive them
+      precomputed); default jnp.log(gate), jnp.log1p(-gate).
+
+  Returns:
+    (w_s, w_l), each shaped like m.
+  """
+  if mix == "gated":
+    log_gate = jnp.log(gate) if log_gate is None else log_gate
+    log_1m_gate = jnp.log1p(-gate) if log_1m_gate is None else log_1m_gate
+    log_ws = log_gate + m
+    c = jnp.maximum(log_ws, log_1m_gate + jnp.log(jnp.maximum(jnp.abs(z), TINY)))
+    c = jax.lax.stop_gradient(c)
+    return jnp.exp(log_ws - c), jnp.exp(log_1m_gate - c)
+  if mix == "lolcats":
+    return jnp.broadcast_to(gate, m.shape), jnp.ones_like(m)
+  raise ValueError(f"mix must be one of {MIXES}, got {mix!r}")
+
+
+def mix_branches(w_s, w_l, s, n, a, z):
+  """y = (w_s N + w_l a) / den with the shared denominator den = w_s S + w_l z (0 -> 1).
+
+  Args:
+    w_s, w_l: [..., R, 1] branch weights (`mix_weights`).
+    s: [..., R, 1] softmax mass S.  n: [..., R, dv] softmax numerator N.
+    a: [..., R, dv] linear read-out phi_q^T H.  z: [..., R, 1] linear mass phi_q^T s.
+
+  Returns:
+    (y [..., R, dv], den [..., R, 1]).
+  """
+  den = w_s * s + w_l * z
+  den = jnp.where(den == 0, 1.0, den)
+  return (w_s * n + w_l * a) / den, den
+
+
+def self_recall_error(phi_k, v, linear_h, linear_s, eps: float):
+  """|| v - phi_k^T H / (phi_k^T s + eps) ||_2 for every pair, in the accumulation dtype.
+
+  Args:
+    phi_k: [..., N, D] feature-mapped keys.  v: [..., N, dv] values.
+    linear_h: [..., D, dv] float32 (float64 in float64 runs).  linear_s: [..., 1, D].
+
+  Returns:
+    [..., N, 1] self-recall errors in linear_h.dtype.
+  """
+  acc = linear_h.dtype
+  phi_k = phi_k.astype(acc)
+  recalled = jnp.matmul(phi_k, linear_h, precision=HIGHEST, preferred_element_type=acc)
+  recalled = recalled / (jnp.sum(phi_k * linear_s, axis=-1, keepdims=True) + eps)
+  residual = v.astype(acc) - recalled
+  return jnp.sqrt(jnp.sum(residual * residual, axis=-1, keepdims=True))

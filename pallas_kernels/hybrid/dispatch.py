@@ -1,0 +1,100 @@
+"""`hybrid_attention`: validates its inputs, picks the implementation and runs it under jit.
+
+The forms: `pallas.hybrid_attention_pallas` (the fused kernel, forward and backward) and
+`xla.hybrid_attention_xla` (chunk-parallel XLA, also the "reference" implementation).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+
+from pallas_kernels import common
+from pallas_kernels.equations import MIXES
+from pallas_kernels.hybrid.pallas import hybrid_attention_pallas
+from pallas_kernels.hybrid.xla import hybrid_attention_xla
+
+
+def validate_hybrid_inputs(q, k, v, phi_q, phi_k, gate, chunk_size, mix, softmax_scale):
+  """Raises a ValueError naming the argument, what it got and the expected shape."""
+  sizes = common.check_layouts(
+    {
+      "q": (q, "[B, T, Hq, dk]"),
+      "k": (k, "[B, T, Hkv, dk]"),
+      "v": (v, "[B, T, Hkv, dv]"),
+      "phi_q": (phi_q, "[B, T, Hq, D]"),
+      "phi_k": (phi_k, "[B, T, Hkv, D]"),
+      "gate": (gate, "[Hq]"),
+    }
+  )
+  hq, hkv = sizes["Hq"], sizes["Hkv"]
+  common.check_heads_and_length("q", "k/v", hq, hkv, q.shape)
+  common.check_floats({"q": q, "k": k, "v": v, "phi_q": phi_q, "phi_k": phi_k, "gate": gate})
+  common.check_positive_int("chunk_size", chunk_size)
+  if mix not in MIXES:
+    raise ValueError(f"mix must be one of {MIXES}, got {mix!r}")
+  if softmax_scale is not None and not (
+    isinstance(softmax_scale, (int, float)) and softmax_scale > 0
+  ):
+    raise ValueError(f"softmax_scale must be None or a float > 0, got {softmax_scale!r}")
+
+
+@functools.partial(
+  jax.jit,
+  static_argnames=("chunk_size", "mix", "softmax_scale", "impl", "block_sizes", "interpret"),
+)
+def _dispatch(q, k, v, phi_q, phi_k, gate, chunk_size, mix, softmax_scale, impl, block_sizes,
+              interpret):  # fmt: skip
+  if impl == "pallas":
+    y = hybrid_attention_pallas(
+      q, k, v, phi_q, phi_k, gate, chunk_size=chunk_size, mix=mix, softmax_scale=softmax_scale,
+      block_sizes=block_sizes, interpret=interpret,
+    )  # fmt: skip
+  else:
+    y = hybrid_attention_xla(
+      q, k, v, phi_q, phi_k, gate, chunk_size=chunk_size, mix_name=mix,
+      softmax_scale=softmax_scale,
+    )  # fmt: skip
+  return y.astype(q.dtype)
+
+
+def hybrid_attention(
+  q,  # [B, T, Hq, dk]
+  k,  # [B, T, Hkv, dk]
+  v,  # [B, T, Hkv, dv]
+  phi_q,  # [B, T, Hq, D]
+  phi_k,  # [B, T, Hkv, D]
+  gate,  # [Hq] in (0, 1)
+  *,
+  chunk_size: int = 64,
+  mix: str = "gated",
+  softmax_scale: float | None = None,
+  implementation: str | None = None,
+  block_sizes: common.BlockSizes | None = None,
+  interpret=None,
+):
+  """LoLA with an empty sparse cache (terraced window + linear attention): y [B, T, Hq, dv].
+
+  Equals `lola_jax.lola_prefill(..., config=LoLAConfig(cache_size=0, chunk_size, mix))` from a
+  fresh state (equations in the module docstrings of `hybrid.pallas` and `hybrid.xla`).
+  Differentiable in q, k, v, phi_q, phi_k and gate. implementation: None = "pallas" on TPU,
+  "xla" on GPU/CPU; "reference" is the XLA form as well (the float64 reference is
+  `lola_jax.lola_reference`).
+  """
+  validate_hybrid_inputs(q, k, v, phi_q, phi_k, gate, chunk_size, mix, softmax_scale)
+  impl = common.resolve_implementation(implementation)
+  native = not (common.interpret_mode() if interpret is None else interpret)
+  bs = block_sizes or common.BlockSizes.get_default()
+  if impl == "pallas" and native and bs.pow2 and chunk_size & (chunk_size - 1):
+    # The chunk is the window, so it cannot be padded; Triton tensors must be powers of two.
+    if implementation is None:
+      impl = "xla"
+    else:
+      raise ValueError(
+        f"chunk_size must be a power of two for the compiled Pallas kernel on "
+        f"{jax.default_backend()} (Triton), got {chunk_size}; use implementation='xla'"
+      )
+  return _dispatch(
+    q, k, v, phi_q, phi_k, gate, chunk_size, mix, softmax_scale, impl, block_sizes, interpret
+  )

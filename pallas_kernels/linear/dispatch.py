@@ -1,0 +1,89 @@
+"""`linear_attention`: validates its inputs, picks the implementation and runs it under jit.
+
+The forms: `pallas.linear_attention_pallas` (the kernel), `xla.linear_attention_chunked` (the
+chunked `lax.scan`, the XLA path) and `xla.linear_attention_scan` (one step per token, the
+"reference" implementation). Equations in the module docstring of `pallas`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+
+from pallas_kernels import common
+from pallas_kernels.linear.pallas import linear_attention_pallas
+from pallas_kernels.linear.xla import linear_attention_chunked, linear_attention_scan
+
+
+def validate_linear_inputs(phi_q, phi_k, v, chunk_size, initial_state, eps):
+  """Raises a ValueError naming the argument, what it got and the expected shape."""
+  sizes = common.check_layouts(
+    {
+      "phi_q": (phi_q, "[B, T, Hq, D]"),
+      "phi_k": (phi_k, "[B, T, Hkv, D]"),
+      "v": (v, "[B, T, Hkv, dv]"),
+    }
+  )
+  b, hq, hkv, d, dv = (sizes[a] for a in ("B", "Hq", "Hkv", "D", "dv"))
+  common.check_heads_and_length("phi_q", "phi_k/v", hq, hkv, phi_q.shape)
+  common.check_floats({"phi_q": phi_q, "phi_k": phi_k, "v": v})
+  common.check_positive_int("chunk_size", chunk_size)
+  if not (isinstance(eps, (int, float)) and eps >= 0):
+    raise ValueError(f"eps must be a float >= 0, got {eps!r}")
+  if initial_state is not None:
+    if not (isinstance(initial_state, (tuple, list)) and len(initial_state) == 2):
+      raise ValueError("initial_state must be None or a pair (H0 [B,Hkv,D,dv], s0 [B,Hkv,D])")
+    common.check_shape("initial_state[0]", initial_state[0], (b, hkv, d, dv), "[B, Hkv, D, dv]")
+    common.check_shape("initial_state[1]", initial_state[1], (b, hkv, d), "[B, Hkv, D]")
+
+
+@functools.partial(
+  jax.jit, static_argnames=("chunk_size", "eps", "implementation", "block_sizes", "interpret")
+)
+def _dispatch(phi_q, phi_k, v, initial_state, chunk_size, eps, implementation, block_sizes,
+              interpret):  # fmt: skip
+  if implementation == "pallas":
+    y, state = linear_attention_pallas(
+      phi_q, phi_k, v, chunk_size=chunk_size, initial_state=initial_state, eps=eps,
+      block_sizes=block_sizes, interpret=interpret,
+    )  # fmt: skip
+  elif implementation == "xla":
+    y, state = linear_attention_chunked(
+      phi_q, phi_k, v, chunk_size=chunk_size, initial_state=initial_state, eps=eps
+    )
+  else:
+    y, state = linear_attention_scan(phi_q, phi_k, v, initial_state=initial_state, eps=eps)
+  return y.astype(phi_q.dtype), state
+
+
+def linear_attention(
+  phi_q,  # [B, T, Hq, D] feature-mapped queries
+  phi_k,  # [B, T, Hkv, D] feature-mapped keys
+  v,  # [B, T, Hkv, dv] values
+  *,
+  chunk_size: int = 64,
+  initial_state=None,  # None or (H0 [B, Hkv, D, dv], s0 [B, Hkv, D])
+  eps: float = 1e-6,
+  implementation: str | None = None,
+  block_sizes: common.BlockSizes | None = None,
+  interpret=None,
+):
+  """Causal linear attention: `(y [B,T,Hq,dv] in phi_q.dtype, (H [B,Hkv,D,dv], s [B,Hkv,D]))`.
+
+  `y_t = phi_q_t^T H_t / (phi_q_t^T s_t + eps)` with `H_t = H_0 + sum_{j<=t} phi_k_j v_j^T` and
+  `s_t = s_0 + sum_{j<=t} phi_k_j`. The final state is float32, so calls chain: feeding it back as
+  `initial_state` continues the sequence. Differentiable in all inputs, `initial_state` included,
+  and through the returned state.
+
+  implementation: None picks "pallas" on TPU and "xla" (chunked `lax.scan`) on GPU/CPU; "pallas"
+  on CPU runs the kernel in interpret mode; "reference" is the per-token scan. `interpret`
+  overrides the interpret mode (e.g. `pltpu.InterpretParams()` for the TPU interpreter).
+  """
+  validate_linear_inputs(phi_q, phi_k, v, chunk_size, initial_state, eps)
+  impl = common.resolve_implementation(implementation)
+  if initial_state is not None:
+    initial_state = tuple(initial_state)
+  return _dispatch(
+    phi_q, phi_k, v, initial_state, chunk_size, float(eps), impl, block_sizes, interpret
+  )
