@@ -11,8 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from core_utils import make_inputs, rel_rms, time_slice
-from kernels_helpers import BF16_RTOL, TPU_INTERPRET, assert_rel_rms
+from core_helpers import make_inputs, rel_rms, time_slice
+from kernel_helpers import BF16_RTOL, TPU_INTERPRET, assert_rel_rms
 
 from lola_jax import LoLAConfig, cached_positions, lola_prefill, lola_reference
 from pallas_kernels import BlockSizes, lola_chunk_step
@@ -107,7 +107,7 @@ def test_gradients_match_xla():
 
 
 def test_bf16_within_tolerance_of_f32():
-  """bf16 inputs (cache stored in bf16) vs the f32 run: within BF16_RTOL (kernels_helpers)."""
+  """bf16 inputs (cache stored in bf16) vs the f32 run: within BF16_RTOL (kernel_helpers)."""
   inputs = make_inputs(4, **SHAPE)
   y32, _ = lola_prefill(*inputs, config=cfg("pallas"))
   bf16 = [jnp.asarray(np.asarray(x).astype(jnp.bfloat16)) for x in inputs]

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from kernels_helpers import BF16_RTOL, IMPLS, assert_rel_rms, features, normal
+from kernel_helpers import BF16_RTOL, IMPLS, assert_rel_rms, features, normal
 
 from lola_jax import LoLAConfig, lola_prefill
 from pallas_kernels import BlockSizes, hybrid_attention

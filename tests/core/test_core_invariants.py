@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from core_utils import make_inputs, rel_rms, time_slice, time_step
+from core_helpers import make_inputs, rel_rms, time_slice, time_step
 
 from lola_jax import LoLAConfig, init_state, lola_decode, lola_prefill, lola_reference
 

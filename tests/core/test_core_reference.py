@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from core_utils import make_inputs, rel_rms
+from core_helpers import make_inputs, rel_rms
 
 from lola_jax import LoLAConfig, cached_positions, lola_prefill, lola_reference
 

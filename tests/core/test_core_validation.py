@@ -6,7 +6,7 @@ import dataclasses
 
 import jax.numpy as jnp
 import pytest
-from core_utils import make_inputs, time_step
+from core_helpers import make_inputs, time_step
 
 from lola_jax import LoLAConfig, cached_positions, init_state, lola_decode, lola_prefill
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import pytest
-from core_utils import make_inputs
+from core_helpers import make_inputs
 from jax.test_util import check_grads
 
 from lola_jax import LoLAConfig, lola_decode, lola_prefill

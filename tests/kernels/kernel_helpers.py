@@ -2,8 +2,8 @@
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
+from core_helpers import rel_rms
 
 try:  # TPU interpret mode (Mosaic semantics on CPU), present in recent JAX.
   from jax.experimental.pallas import tpu as pltpu
@@ -30,11 +30,6 @@ TPU_INTERPRET = _TPU_INTERPRET
 # bf16 inputs vs the f32 result: bf16 has an 8-bit mantissa (rel. step 2^-8 ~ 4e-3); inputs are
 # rounded once and the kernels accumulate in f32, so the output error stays near that step.
 BF16_RTOL = 2e-2
-
-
-def rel_rms(x, ref):
-  x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-  return float(np.sqrt(np.mean((x - ref) ** 2) / max(np.mean(ref**2), 1e-300)))
 
 
 def assert_rel_rms(x, ref, tol, what=""):

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from kernels_helpers import (
+from kernel_helpers import (
   BF16_RTOL,
   IMPLS,
   TPU_INTERPRET,
