@@ -350,7 +350,7 @@ def lola_prefill(
       fused Pallas kernel (`pallas_kernels.lola_chunk`: softmax over [cache; window; chunk], the
       linear read-out, the mix and the self-recall errors in one kernel per chunk; interpret
       mode on CPU), "xla" the plain-JAX step, None Pallas on TPU and XLA on GPU/CPU, "reference"
-      the XLA step (see `_prefill_uses_pallas`). Selection, absorption and compaction are XLA.
+      the XLA step (see `_uses_pallas`). Selection, absorption and compaction are XLA.
     state: a LoLAState to continue from (any number of tokens already seen per row), or None to
       start fresh.
     lengths: [B] int, tokens t >= lengths[b] are right padding: they are ignored, their outputs
