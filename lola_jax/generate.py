@@ -320,25 +320,23 @@ def decode_stream(
   block_size = block_size or max_new_tokens
   stops = jnp.asarray(tuple(int(s) for s in stop_tokens) or (-1,), jnp.int32)
   keys = _row_keys(key, b)
+  block = functools.partial(
+    decode_block,
+    config,
+    params,
+    keys=keys,
+    stop_tokens=stops,
+    pad_id=jnp.int32(pad_id),
+    sampling=sampling,
+    block_size=block_size,
+    state_sharding=state_sharding,
+  )
   done = jnp.zeros((b,), bool)
   count = jnp.zeros((b,), jnp.int32)
   produced = 0
   while produced < max_new_tokens:
-    out, states, logits, done, count, steps = decode_block(
-      config,
-      params,
-      states,
-      logits,
-      done,
-      count,
-      keys,
-      jnp.int32(max_new_tokens - produced),
-      stops,
-      jnp.int32(pad_id),
-      sampling=sampling,
-      block_size=block_size,
-      state_sharding=state_sharding,
-    )
+    limit = jnp.int32(max_new_tokens - produced)
+    out, states, logits, done, count, steps = block(states, logits, done, count, limit=limit)
     steps = int(steps)
     produced += steps
     if steps:

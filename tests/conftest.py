@@ -1,5 +1,6 @@
 import os
 import sys
 
-# Tests import their helpers (core_utils) as top-level modules.
+# Tests in every folder import the shared helpers here (hf_helpers, cli_helpers, train_helpers)
+# as top-level modules; a folder's own helpers (core_helpers, ...) sit next to its tests.
 sys.path.insert(0, os.path.dirname(__file__))

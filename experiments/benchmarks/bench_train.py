@@ -64,7 +64,7 @@ def bench_kind(config, kind: str, steps: int, warmup: int) -> dict:
   if impl:
     config.lola.implementation = impl
   s = trainer.setup(config)
-  state = trainer._initial_state(config, s)
+  state = trainer.initial_state(config, s)
   step = steps_lib.jit_train_step(
     s.model_config, s.tx, s.mesh, s.param_sh, s.opt_sh, accum=config.train.grad_accum_steps
   )

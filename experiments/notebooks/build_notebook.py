@@ -2,8 +2,8 @@
 
   .venv/bin/python experiments/notebooks/build_notebook.py
 
-Edit the cells here, rerun, commit both files. tests/test_notebook.py executes the .ipynb with
-PRESET = "tiny" on CPU.
+Edit the cells here, rerun, commit both files. tests/experiments/test_notebook.py executes the
+.ipynb with PRESET = "tiny" on CPU.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ This notebook runs [lola-jax](../../README.md) end to end on whatever accelerato
 **Runtime.** It expects a Colab **TPU** runtime (*Runtime > Change runtime type > TPU*: v2-8 or
 v5e). On a CPU or GPU runtime it says so and carries on (slower); with `PRESET = "tiny"` every cell
 finishes on a laptop CPU in a few minutes, which is what the project's test
-(`tests/test_notebook.py`) runs.
+(`tests/experiments/test_notebook.py`) runs.
 """
 )
 
@@ -157,7 +157,8 @@ import time
 
 import numpy as np
 
-from experiments.recall import grid, nets
+from experiments.recall import grid as recall_grid
+from experiments.recall import nets
 from experiments.recall.presets import PRESETS
 
 SETTINGS = {
@@ -526,8 +527,8 @@ The recall pipeline's own evaluation (`experiments.recall.grid.evaluate`, built 
 greedy exact-match pass-key retrieval at contexts longer than the training length, for the teacher
 (full KV cache), the hybrid (window only), a hybrid with a wider window of LoLA's memory, and LoLA
 (the same hybrid weights plus a sparse cache of several sizes, `sre` and `recency` policies).
-Every row carries its decode-state bytes next to the full KV cache's. `grid.write_report` writes
-`report.md` and the figures.
+Every row carries its decode-state bytes next to the full KV cache's. `recall_grid.write_report`
+writes `report.md` and the figures.
 """
 )
 
@@ -539,20 +540,20 @@ from experiments.reporting import report
 
 start = time.time()
 teacher_net, hybrid_config, hybrid_net = nets.load_nets(WORKDIR, OVERRIDES)
-methods = grid.method_rows(RECALL, hybrid_config)
+methods = recall_grid.method_rows(RECALL, hybrid_config)
 if USE_XLA:  # the evaluated LoLA rows run the XLA chunk step too
   methods = [
     (label, method, attention, dataclasses.replace(lola, implementation="xla"), sizes)
     for label, method, attention, lola, sizes in methods
   ]
-rows, cells = grid.evaluate(
+rows, cells = recall_grid.evaluate(
   RECALL, teacher_net, hybrid_net, methods=methods, niah=S["niah"], mqar=S["mqar"]
 )
 TIMINGS["eval"] = time.time() - start
 json.dump(rows, open(os.path.join(WORKDIR, "results.json"), "w"), indent=1)
 json.dump(cells, open(os.path.join(WORKDIR, "cells.json"), "w"), indent=1)
 commands = [f"notebook lola_tpu_colab.ipynb, PRESET={PRESET!r}, overrides {OVERRIDES}"]
-figures = grid.write_report(S["recall_preset"], RECALL, WORKDIR, rows, cells, TIMINGS, commands)
+figures = recall_grid.write_report(S["recall_preset"], RECALL, WORKDIR, rows, cells, TIMINGS, commands)
 print("Pass-key exact-match accuracy (state bytes per sequence, all layers):")
 print(report.retrieval_table(rows, "passkey"))
 if any("needle_in_cache" in r for r in rows):

@@ -32,6 +32,15 @@ def _style(label):
   return {"marker": "o", "linestyle": "-"}
 
 
+def _save(fig, path, tight=True):
+  """Writes `fig` to `path` (PNG, 120 dpi), closes it, returns `path`."""
+  if tight:
+    fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
 def _accuracy_lines(ax, rows, x: str, xlabel: str, ylabel: str):
   """One line per method: accuracy against row[x] on a log2 axis."""
   for label in method_labels(rows):
@@ -53,10 +62,7 @@ def accuracy_vs_context(rows, path, tasks=("passkey", "niah")):
     ax.set_title(task)
     ax.grid(alpha=0.3)
   axes[0][-1].legend(fontsize=7, loc="best")
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return _save(fig, path)
 
 
 def accuracy_vs_bytes(rows, path, context, tasks=("passkey", "niah", "mqar")):
@@ -97,10 +103,7 @@ def accuracy_vs_bytes(rows, path, context, tasks=("passkey", "niah", "mqar")):
     ax.set_title(f"{task} @ {context}" if task != "mqar" else "mqar")
     ax.grid(alpha=0.3)
   axes[0][-1].legend(fontsize=7, loc="best")
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return _save(fig, path)
 
 
 def depth_heatmaps(cells, path, task="passkey"):
@@ -131,9 +134,7 @@ def depth_heatmaps(cells, path, task="passkey"):
       ax.set_ylabel("needle depth", fontsize=8)
   if im is not None:
     fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6, label="accuracy")
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return _save(fig, path, tight=False)  # constrained_layout already placed the panels
 
 
 def mqar_vs_pairs(rows, path):
@@ -144,10 +145,7 @@ def mqar_vs_pairs(rows, path):
   ax.set_title(f"MQAR (T = {sel[0]['context']})" if sel else "MQAR")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return _save(fig, path)
 
 
 # Line colours: tab10 without its gray (the hybrid's colour), then darker shades, so that up to 14

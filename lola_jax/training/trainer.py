@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from lola_jax import data
 from lola_jax import model as model_lib
 from lola_jax import sharding as sharding_lib
 from lola_jax.core.config import LoLAConfig
@@ -78,8 +79,6 @@ def mesh_config_from(config) -> sharding_lib.MeshConfig:
 
 def get_task(config, *, seed_offset: int = 0, **extra):
   """The training (or, with a seed offset, evaluation) task named by config.task."""
-  from lola_jax import data
-
   options = dict(config.task.get("options", {}) or {})
   options.update(extra)
   return data.get_task(
@@ -274,7 +273,7 @@ def _trainable_in_any_stage(config, model_config, params) -> Any:
   return jax.tree.map(lambda *m: any(m), *masks)
 
 
-def _initial_state(config, s: Setup):
+def initial_state(config, s: Setup):
   """Fresh parameters (or the teacher's, in distill mode), optimizer state and RNG."""
   gguf_path = pretrained_source.gguf_path(config)
   if gguf_path is not None:
@@ -373,7 +372,7 @@ def _train(config, workdir: str, s: Setup, ckpt: ckpt_lib.Checkpointer) -> dict:
   run_config = state_config(config, mc)
   restored = ckpt.restore_latest(_abstract_train_state(s), run_config)
   if restored is None:
-    state = _initial_state(config, s)
+    state = initial_state(config, s)
     start = 0
   else:
     state, meta = restored

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from test_train_utils import tasks, tiny_config
+from train_helpers import tasks, tiny_config
 
 from lola_jax.training import checkpoint as ckpt_lib
 from lola_jax.training import train_and_evaluate, trainer

@@ -13,7 +13,7 @@ import time
 
 import jax
 import pytest
-from test_train_utils import tasks, tiny_config
+from train_helpers import tasks, tiny_config
 
 from lola_jax.training import train_and_evaluate, workdir_lock
 
@@ -103,7 +103,7 @@ def test_two_binaries_on_one_workdir(tmp_path):
     sys.executable,
     "-m",
     "experiments.train",
-    f"--config={os.path.join(ROOT, 'tests', 'test_train_utils.py')}",
+    f"--config={os.path.join(ROOT, 'tests', 'train_helpers.py')}",
     f"--workdir={tmp_path}",
     "--config.train.steps=100000",
     "--config.train.log_every=1",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from cli_utils import run_module
+from cli_helpers import run_module
 
 
 @pytest.mark.slow

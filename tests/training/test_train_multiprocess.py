@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ARGS = ["--config.train.steps=6", "--config.train.log_every=1", "--config.train.checkpoint_every=3"]
 
 
@@ -24,7 +24,7 @@ def _cmd(workdir, *extra):
     sys.executable,
     "-m",
     "experiments.train",
-    f"--config={os.path.join(ROOT, 'tests', 'test_train_utils.py')}",
+    f"--config={os.path.join(ROOT, 'tests', 'train_helpers.py')}",
     f"--workdir={workdir}",
     *ARGS,
     *extra,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PARAMS = os.path.join(ROOT, "experiments", "recall", "params")
 CHUNK = 64
 KEYS = {

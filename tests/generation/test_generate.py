@@ -175,7 +175,7 @@ def test_sharded_generation_on_8_cpu_devices(attention):
     capture_output=True,
     text=True,
     timeout=300,
-    cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
   res = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -14,14 +14,14 @@ import chex
 import jax
 import numpy as np
 import pytest
-from test_train_utils import tasks, tiny_config
+from train_helpers import tasks, tiny_config
 
 from lola_jax import model as model_lib
 from lola_jax.training import checkpoint as ckpt_lib
 from lola_jax.training import metrics as metrics_lib
 from lola_jax.training import model_config_from, train_and_evaluate
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def run(config, workdir):
@@ -179,7 +179,7 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
     sys.executable,
     "-m",
     "experiments.train",
-    f"--config={os.path.join(ROOT, 'tests', 'test_train_utils.py')}",
+    f"--config={os.path.join(ROOT, 'tests', 'train_helpers.py')}",
     f"--workdir={tmp_path}",
     "--config.train.steps=100000",
     "--config.train.log_every=1",

@@ -1,17 +1,11 @@
-"""The selection probe (its replay of the cache rule equals the core) and the layer_budgets script.
-
-The script's module is not imported here: its flags share names with the other ablation binaries,
-which the same test process may import; it runs in a subprocess.
-"""
+"""The selection probe of the layer_budgets ablation: its replay of the cache rule equals the
+core, the kernel recall, the secret's occurrences and the budget parser."""
 
 from __future__ import annotations
-
-import json
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from cli_utils import run_module
 
 from lola_jax import LoLAConfig, cached_positions, lola_prefill
 from lola_jax.data import retrieval_example
@@ -70,30 +64,3 @@ def test_parse_layer_caches_names_the_flag():
   for bad in ("16", "16:x", "16:-1"):
     with pytest.raises(ValueError, match="--budgets: '" + bad):
       lb.parse_layer_caches(bad, 2, 999)
-
-
-@pytest.mark.slow
-def test_layer_budgets_script_runs(tmp_path):
-  out = tmp_path / "layer_budgets.json"
-  proc = run_module(
-    "experiments.ablations.layer_budgets",
-    "--contexts=512",
-    "--depths=0.5",
-    "--samples=1",
-    "--budgets=0:0,all:all",
-    "--probe_context=512",
-    "--probe_prompts=1",
-    "--betas=20",
-    f"--out={out}",
-  )
-  result = json.loads(out.read_text())
-  by_budget = {r["budget"]: r for r in result["budgets"]}
-  assert by_budget["0:0"]["secret_in_cache_per_layer"] == [0.0, 0.0]
-  assert by_budget["all:all"]["secret_in_cache_per_layer"] == [1.0, 1.0]
-  assert by_budget["0:0"]["state_bytes"] < by_budget["all:all"]["state_bytes"]
-  assert {r["memory"] for r in result["probe"]} == {
-    "phi_k (spec sre)",
-    "kernel(key)",
-    "kernel(residual)",
-  }
-  assert "| layer caches |" in proc.stdout

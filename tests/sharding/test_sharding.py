@@ -12,7 +12,7 @@ import pytest
 from lola_jax import sharding as sharding_lib
 
 MESHES = [(1, 1, 1), (8, 1, 1), (2, 2, 2), (1, 2, 4)]
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_mesh_config_resolves_and_validates():
@@ -37,7 +37,7 @@ def test_logical_rules_replicate_what_does_not_divide():
 
 
 def test_mesh_larger_than_devices_fails_before_compilation():
-  from test_train_utils import tasks, tiny_config
+  from train_helpers import tasks, tiny_config
 
   from lola_jax.training import setup
 
@@ -58,7 +58,7 @@ def test_mesh_larger_than_devices_fails_before_compilation():
 def _child(kinds):
   """Runs in a subprocess with 8 CPU devices: losses of two steps under each mesh, as JSON."""
   import jax.numpy as jnp
-  from test_train_utils import tasks, tiny_config
+  from train_helpers import tasks, tiny_config
 
   from lola_jax.training import steps as steps_lib
   from lola_jax.training import trainer
@@ -92,7 +92,7 @@ def _child(kinds):
       c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh
       s = trainer.setup(c, *tasks(c))
       if host_state is None:  # one initialisation, placed onto every mesh (fewer compiles)
-        host_state = jax.device_get(trainer._initial_state(c, s))
+        host_state = jax.device_get(trainer.initial_state(c, s))
       params = jax.device_put(host_state["params"], s.param_sh)
       opt = jax.device_put(host_state["opt_state"], s.opt_sh)
       step = steps_lib.jit_train_step(s.model_config, s.tx, s.mesh, s.param_sh, s.opt_sh)

@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from cli_utils import run_module
+from cli_helpers import run_module
 
 KEYS = {
   "method",
