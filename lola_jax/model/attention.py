@@ -10,7 +10,7 @@ owns its cache and `init_cache`):
   kind     class              decode state                     mixing of q, k, v
   softmax  SoftmaxAttention   `KVCache` of max_len slots       exact causal softmax
   linear   LinearAttention    `LinearState` (H, s)             `pallas_kernels.linear_attention`
-  hybrid   HybridAttention    `LoLAState`, cache_size 0         window + linear (LoLCATs); the
+  hybrid   HybridAttention    `LoLAState`, cache_size 0        window + linear (LoLCATs); the
                                                                training forward is the fused
                                                                `pallas_kernels.hybrid_attention`
   lola     LoLAAttention      `LoLAState`                      window + sparse cache + linear
