@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from flax import nnx
+from matplotlib.figure import Figure
 
 from experiments.recall import nets
 from experiments.recall.presets import PRESETS
@@ -324,15 +325,11 @@ _MARKERS = {
 
 def plot_pareto(rows, path):
   """Accuracy vs mean occupancy, one panel per task; energy and fixed sre joined by lines."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
   keys = list(dict.fromkeys(_task_key(r) for r in rows))
   cols = min(3, len(keys))
   nrows = math.ceil(len(keys) / cols)
-  fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 4 * nrows), squeeze=False)
+  fig = Figure(figsize=(5 * cols, 4 * nrows))
+  axes = fig.subplots(nrows, cols, squeeze=False)
   for ax in axes.flat[len(keys) :]:
     ax.axis("off")
   for ax, key in zip(axes.flat, keys, strict=False):
@@ -365,7 +362,6 @@ def plot_pareto(rows, path):
   axes.flat[0].legend(fontsize=7, loc="best")
   fig.tight_layout()
   fig.savefig(path, dpi=120)
-  plt.close(fig)
   return path
 
 
@@ -386,14 +382,10 @@ def _hist_labels(rows):
 
 def plot_occupancy_hist(rows, path):
   """Histogram of kept slots per (prompt, layer, kv head) after the prompt, one panel per task."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
   labels = _hist_labels(rows) or list(dict.fromkeys(r["label"] for r in rows))
   tasks = list(dict.fromkeys(r["task"] for r in rows))
-  fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
+  fig = Figure(figsize=(5.5 * len(tasks), 4))
+  axes = fig.subplots(1, len(tasks), squeeze=False)
   cap = max(r["cache_size"] for r in rows)
   width = max(1, math.ceil((cap + 1) / 33))
   bins = -0.5 + width * np.arange(math.ceil((cap + 1) / width) + 1)  # last edge > cap
@@ -411,7 +403,6 @@ def plot_occupancy_hist(rows, path):
   axes[0][0].legend(fontsize=7, loc="best")
   fig.tight_layout()
   fig.savefig(path, dpi=120)
-  plt.close(fig)
   return path
 
 

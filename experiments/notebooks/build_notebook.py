@@ -230,7 +230,7 @@ from lola_jax import LoLAConfig, cached_positions, lola_decode, lola_prefill
 
 
 def show(fig):
-  # Displays a figure whatever the matplotlib backend (experiments.reporting.plots selects Agg).
+  # Displays a figure in the notebook (the inline backend formats it), then frees it.
   display(fig)
   plt.close(fig)
 

@@ -1,4 +1,5 @@
-"""PNG plots of recall results (matplotlib, Agg backend: no display needed).
+"""PNG plots of recall results (matplotlib `Figure`s written to files: no pyplot, so importing
+this module neither needs a display nor changes the caller's matplotlib backend).
 
 Rows are the dicts of `runs/*/results.json` ({"method", "window", "cache_size", "policy",
 "context", "task", "accuracy", "state_bytes", "full_kv_bytes", "label", ...}); cells are the
@@ -10,12 +11,10 @@ from __future__ import annotations
 import os
 
 import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from experiments.reporting.report import method_labels  # noqa: E402
+from experiments.reporting.report import method_labels
 
 
 def _style(label):
@@ -33,11 +32,10 @@ def _style(label):
 
 
 def _save(fig, path, tight=True):
-  """Writes `fig` to `path` (PNG, 120 dpi), closes it, returns `path`."""
+  """Writes `fig` to `path` (PNG, 120 dpi); returns `path`."""
   if tight:
     fig.tight_layout()
   fig.savefig(path, dpi=120)
-  plt.close(fig)
   return path
 
 
@@ -55,7 +53,8 @@ def _accuracy_lines(ax, rows, x: str, xlabel: str, ylabel: str):
 def accuracy_vs_context(rows, path, tasks=("passkey", "niah")):
   """One panel per task: accuracy against context length (log2 axis), one line per method."""
   tasks = [t for t in tasks if any(r["task"] == t for r in rows)]
-  fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.2), squeeze=False)
+  fig = Figure(figsize=(6 * len(tasks), 4.2))
+  axes = fig.subplots(1, len(tasks), squeeze=False)
   for ax, task in zip(axes[0], tasks, strict=True):
     sel = [r for r in rows if r["task"] == task]
     _accuracy_lines(ax, sel, "context", "context (tokens)", "exact-match accuracy")
@@ -70,7 +69,8 @@ def accuracy_vs_bytes(rows, path, context, tasks=("passkey", "niah", "mqar")):
   tasks = [t for t in tasks if any(r["task"] == t and r["context"] == context for r in rows)]
   if not tasks:
     tasks = [t for t in ("mqar",) if any(r["task"] == t for r in rows)]
-  fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.2), squeeze=False)
+  fig = Figure(figsize=(5.5 * len(tasks), 4.2))
+  axes = fig.subplots(1, len(tasks), squeeze=False)
   for ax, task in zip(axes[0], tasks, strict=True):
     sel = [r for r in rows if r["task"] == task and (task == "mqar" or r["context"] == context)]
     if task == "mqar":  # average over pair counts
@@ -114,9 +114,8 @@ def depth_heatmaps(cells, path, task="passkey"):
   depths = sorted({c["depth"] for c in cells})
   cols = min(4, len(labels))
   nrows = (len(labels) + cols - 1) // cols
-  fig, axes = plt.subplots(
-    nrows, cols, figsize=(3.8 * cols, 3.2 * nrows), squeeze=False, constrained_layout=True
-  )
+  fig = Figure(figsize=(3.8 * cols, 3.2 * nrows), layout="constrained")
+  axes = fig.subplots(nrows, cols, squeeze=False)
   for ax in axes.flat[len(labels) :]:
     ax.axis("off")
   im = None
@@ -140,7 +139,8 @@ def depth_heatmaps(cells, path, task="passkey"):
 def mqar_vs_pairs(rows, path):
   """MQAR accuracy against the number of key/value pairs, one line per method."""
   sel = [r for r in rows if r["task"] == "mqar"]
-  fig, ax = plt.subplots(figsize=(6, 4.2))
+  fig = Figure(figsize=(6, 4.2))
+  ax = fig.subplots()
   _accuracy_lines(ax, sel, "num_pairs", "key/value pairs", "accuracy")
   ax.set_title(f"MQAR (T = {sel[0]['context']})" if sel else "MQAR")
   ax.grid(alpha=0.3)
@@ -150,7 +150,7 @@ def mqar_vs_pairs(rows, path):
 
 # Line colours: tab10 without its gray (the hybrid's colour), then darker shades, so that up to 14
 # methods get distinct colours.
-_COLORS = [c for c in plt.cm.tab10.colors if len(set(c)) > 1] + [
+_COLORS = [c for c in matplotlib.colormaps["tab10"].colors if len(set(c)) > 1] + [
   "navy",
   "darkgreen",
   "maroon",
@@ -162,7 +162,7 @@ _COLORS = [c for c in plt.cm.tab10.colors if len(set(c)) > 1] + [
 def all_plots(rows, cells, out_dir, pareto_context):
   """Writes every plot into `out_dir`; returns their paths."""
   os.makedirs(out_dir, exist_ok=True)
-  with plt.rc_context({"axes.prop_cycle": matplotlib.cycler(color=_COLORS)}):
+  with matplotlib.rc_context({"axes.prop_cycle": matplotlib.cycler(color=_COLORS)}):
     return _all_plots(rows, cells, out_dir, pareto_context)
 
 
