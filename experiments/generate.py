@@ -8,6 +8,12 @@ From a Hugging Face Llama directory (tokenizer.json is used when present, else -
   python -m experiments.generate --hf_path=/path/to/Llama-3.2-1B --attention=lola \
       --chunk_size=64 --cache_size=64 --prompt="The capital of France is" --max_new_tokens=64
 
+SmolLM2-135M-Instruct (the installed GGUF, with the committed linearised feature maps), or any
+Llama GGUF (--gguf; linearised kinds then start from fresh feature maps unless --feature_maps):
+  python -m experiments.generate --model=smollm2-135m --attention=lola --chat \
+      --prompt="Write a haiku about the sea." --max_new_tokens=64
+  python -m experiments.generate --gguf=/path/to/model.gguf --prompt="The capital of France is"
+
 The decode state of lola/hybrid has a fixed size: --max_new_tokens can be as large as you like.
 """
 
@@ -26,7 +32,10 @@ from ml_collections import config_flags
 
 from lola_jax import generate as gen
 from lola_jax import model as model_lib
-from lola_jax.convert import load_hf_llama
+from lola_jax import pretrained
+from lola_jax.convert import load_gguf_llama, load_hf_llama
+from lola_jax.convert.gguf import gguf_metadata, open_gguf
+from lola_jax.convert.gguf_tokenizer import gguf_chat_template, gguf_tokenizer
 from lola_jax.data.tokenizer import ByteTokenizer
 from lola_jax.training.checkpoint import restore_params
 from lola_jax.training.trainer import model_config_from
@@ -36,6 +45,10 @@ config_flags.DEFINE_config_file("config", None, "Training config file of --workd
 flags.DEFINE_string("workdir", None, "Training workdir (reads its newest checkpoint).")
 flags.DEFINE_string("hf_path", None, "Hugging Face Llama directory (config.json, *.safetensors).")
 flags.DEFINE_string("lolcats_path", None, "LoLCATs feature maps / window factors (.safetensors).")
+flags.DEFINE_enum("model", None, ["smollm2-135m"], "A packaged pretrained model.")
+flags.DEFINE_string("gguf", None, "A Llama GGUF file (llama.cpp format).")
+flags.DEFINE_string("feature_maps", None, "Linearised feature maps (.safetensors) for --gguf.")
+flags.DEFINE_bool("chat", False, "Wrap --prompt in the model's chat template (GGUF models).")
 flags.DEFINE_enum("attention", None, ["softmax", "linear", "hybrid", "lola"], "Override kind.")
 flags.DEFINE_integer("chunk_size", None, "LoLA chunk (window) size override.")
 flags.DEFINE_integer("cache_size", None, "LoLA sparse-cache size override.")
@@ -61,10 +74,14 @@ class _Ids:
 
 
 class _HFTokenizer:
-  def __init__(self, path):
-    from tokenizers import Tokenizer  # optional: only Hugging Face directories need it
+  """A `tokenizers.Tokenizer` (from a tokenizer.json path, or given) with ids as numpy arrays."""
 
-    self.tok = Tokenizer.from_file(path)
+  def __init__(self, path=None, tokenizer=None):
+    if tokenizer is None:
+      from tokenizers import Tokenizer  # optional: only Hugging Face directories need it
+
+      tokenizer = Tokenizer.from_file(path)
+    self.tok = tokenizer
 
   def encode(self, text):
     return np.asarray(self.tok.encode(text).ids, np.int32)
@@ -83,6 +100,38 @@ def load_workdir(config, workdir: str):
   )
   params, _ = restore_params(os.path.join(workdir, "checkpoints"), abstract)
   return mc, params
+
+
+def _gguf_stops(reader, tokenizer) -> tuple[int, ...]:
+  """The GGUF's EOS id and the chat end-of-turn token (ChatML's <|im_end|>) when present."""
+  stops = []
+  eos = gguf_metadata(reader, "tokenizer.ggml.eos_token_id", None)
+  if eos is not None:
+    stops.append(int(eos))
+  end_of_turn = tokenizer.token_to_id("<|im_end|>")
+  if end_of_turn is not None and end_of_turn not in stops:
+    stops.append(int(end_of_turn))
+  return tuple(stops)
+
+
+def load_gguf_model(*, model=None, gguf=None, feature_maps=None, attention=None, **lola):
+  """(ModelConfig, params, tokenizer, stop ids, chat template) of a packaged model or a GGUF."""
+  attention = attention or ("lola" if model else "softmax")
+  path = pretrained.smollm2_gguf_path() if model else gguf
+  reader = open_gguf(path)
+  if model:
+    mc, params, tok = pretrained.smollm2(attention, feature_maps=feature_maps, **lola)
+  else:
+    maps = pretrained.load_feature_maps(feature_maps) if feature_maps else None
+    mc, params = load_gguf_llama(reader, attention, feature_maps=maps, **lola)
+    tok = gguf_tokenizer(reader)
+  return (
+    mc,
+    params,
+    _HFTokenizer(tokenizer=tok),
+    _gguf_stops(reader, tok),
+    gguf_chat_template(reader),
+  )
 
 
 def load_model(
@@ -127,15 +176,35 @@ def stream_text(mc, params, tokenizer, prompt_ids, *, out=sys.stdout, **kwargs) 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  mc, params, tokenizer, stops = load_model(
-    config=FLAGS.config,
-    workdir=FLAGS.workdir,
-    hf_path=FLAGS.hf_path,
-    lolcats_path=FLAGS.lolcats_path,
-    attention=FLAGS.attention,
-    chunk_size=FLAGS.chunk_size,
-    cache_size=FLAGS.cache_size,
-  )
+  template = None
+  if FLAGS.model and FLAGS.gguf:
+    raise app.UsageError("pass --model or --gguf, not both")
+  if FLAGS.model or FLAGS.gguf:
+    if FLAGS.gguf and not os.path.isfile(FLAGS.gguf):
+      raise app.UsageError(f"--gguf: no such file {FLAGS.gguf!r}")
+    lola = {"chunk_size": FLAGS.chunk_size, "cache_size": FLAGS.cache_size}
+    mc, params, tokenizer, stops, template = load_gguf_model(
+      model=FLAGS.model,
+      gguf=FLAGS.gguf,
+      feature_maps=FLAGS.feature_maps,
+      attention=FLAGS.attention,
+      **{k: v for k, v in lola.items() if v is not None},
+    )
+  else:
+    mc, params, tokenizer, stops = load_model(
+      config=FLAGS.config,
+      workdir=FLAGS.workdir,
+      hf_path=FLAGS.hf_path,
+      lolcats_path=FLAGS.lolcats_path,
+      attention=FLAGS.attention,
+      chunk_size=FLAGS.chunk_size,
+      cache_size=FLAGS.cache_size,
+    )
+  if FLAGS.chat:
+    if template is None:
+      raise app.UsageError("--chat needs a model with a chat template (--model or a chat --gguf)")
+    if FLAGS.prompt_ids is not None:
+      raise app.UsageError("--chat wraps --prompt text; it cannot take --prompt_ids")
   if FLAGS.prompt_ids is not None:  # given, even empty: an empty list is an empty prompt
     try:
       prompt = [int(x) for x in FLAGS.prompt_ids.split(",") if x.strip()]
@@ -143,6 +212,9 @@ def main(argv):
       raise app.UsageError(
         f"--prompt_ids must be comma-separated integers, got {FLAGS.prompt_ids!r}"
       ) from e
+  elif FLAGS.chat:
+    text = template.render([{"role": "user", "content": FLAGS.prompt}])
+    prompt = list(tokenizer.encode(text))
   else:
     prompt = list(tokenizer.encode(FLAGS.prompt))
   if not prompt:

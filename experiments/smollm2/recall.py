@@ -44,8 +44,8 @@ PRESETS = {
     stages=("recall",),
     tasks=("passkey",),
     contexts=(2048, 4096),
-    prompts=4,
-    depths=4,
+    prompts=3,
+    depths=3,
     methods=("teacher", "hybrid", "lola64_sre"),
   ),
   "grid": dict(
