@@ -6,6 +6,7 @@ import os
 import sys
 
 import jax.numpy as jnp
+import pytest
 from cli_helpers import run_module
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "convert"))
