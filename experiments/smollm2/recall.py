@@ -89,6 +89,8 @@ flags.DEFINE_integer("depths", None, "Distinct needle depths (default: the prese
 flags.DEFINE_string("feature_maps", None, "A feature-map file (default: the committed one).")
 flags.DEFINE_integer("segment", 512, "Prefill segment length (a multiple of every chunk).")
 flags.DEFINE_integer("seed", 0, "Prompt seed.")
+flags.DEFINE_integer("perplexity_tokens", 16384, "Held-out tokens per (row, window length).")
+flags.DEFINE_list("perplexity_lengths", ["1024", "4096"], "Perplexity window lengths.")
 flags.mark_flag_as_required("workdir")
 
 
@@ -292,7 +294,15 @@ def main(argv):
     json.dump(results, open(os.path.join(workdir, "results.json"), "w"), indent=1)
     summary["recall"] = results
   if "perplexity" in stages:
-    summary["perplexity"] = run_perplexity(base, params, tokenizer, rows, workdir)
+    summary["perplexity"] = run_perplexity(
+      base,
+      params,
+      tokenizer,
+      rows,
+      workdir,
+      lengths=tuple(int(n) for n in FLAGS.perplexity_lengths),
+      tokens=FLAGS.perplexity_tokens,
+    )
   if "decode" in stages:
     decode_rows = [m for m in rows if m.name in ("teacher", "hybrid", "lola64_sre")]
     summary["decode"] = run_decode(base, params, decode_rows, workdir)
