@@ -124,7 +124,7 @@ def passkey_prompt(tokenizer, rng, context_len: int, depth: float, num_distracto
   unit = _ids(tokenizer, " " + PASSKEY_FILLER.strip())
   n = _haystack_budget(context_len, head, needle, question)
   haystack = np.tile(unit, n // unit.shape[0] + 1)[:n]
-  bounds = np.arange(0, n + 1, unit.shape[0])
+  bounds = np.append(np.arange(0, n, unit.shape[0]), n)
   cut = int(bounds[np.argmin(np.abs(bounds - depth * n))])
   candidates = _candidates(tokenizer, key, rng, 5, num_distractors)
   return _assemble("passkey", head, haystack, cut, needle, question, key, depth, candidates)
