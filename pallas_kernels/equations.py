@@ -19,11 +19,26 @@ c = max(log g + m, log(1-g) + log|z|) (log space), so
 
   w_s = e^{log g + m - c} <= 1,    w_l = e^{log(1-g) - c}  (w_l |z| <= 1)
 
-stay finite for logits of any size; the shift cancels in y and is not differentiated.
+stay finite for logits of any size; the shift cancels in y and is not differentiated. The lolcats
+weights are shifted likewise by c = max(log g, log|z|): w_s = g e^{-c}, w_l = e^{-c}. Where z = 0
+(nothing absorbed yet, so a = 0) w_l is set to 0: y is the same, and the gradient does not form
+w_l / den, which overflows when the gate is saturated.
+
+The gate enters as three terms (g, log g, log(1-g)) (`gate_terms`), computed once from what
+the caller has: g itself, or its logit x (g = sigmoid(x)), from which log g = log_sigmoid(x) and
+log(1-g) = log_sigmoid(-x) are finite with finite derivatives (1 - g and -g) for every finite x.
+So a saturated gate (x >= 17 rounds g to 1 in float32, x <= -88 to 0) keeps a finite gradient
+when the logit is given (the model passes its logits), while from g the derivative of log g is
+1/g, infinite at g = 0 (and of log(1-g) at g = 1). The gated weights use the logs, the lolcats
+weight w_s = g uses g.
 
 The self-recall error of a pair (k, v) against the linear state (H, s):
 
-  sre(k, v) = || v - phi_k^T H / (phi_k^T s + eps) ||_2.
+  sre(k, v) = || v - r ||_2,   r = phi_k^T H / (phi_k^T s + eps)   (r = 0 where phi_k^T s + eps = 0)
+
+A state that has absorbed nothing (s = 0) recalls nothing, so with eps = 0 the error is ||v||
+rather than 0/0 = NaN (which `lax.top_k` would rank below empty slots); with eps > 0 this is what
+the formula gives anyway.
 """
 
 from __future__ import annotations
@@ -37,6 +52,15 @@ MIXES = ("gated", "lolcats")
 
 # Smallest |z| in the log of the linear mass (keeps w_l finite when the state is empty).
 TINY = 1e-30
+
+
+def gate_terms(gate=None, logit=None):
+  """(g, log g, log(1-g)) from a gate g in [0, 1] or, in log space, from its logit x
+  (sigmoid(x), log_sigmoid(x), log_sigmoid(-x)): module docstring. Exactly one of `gate` and
+  `logit` is given (callers validate); the three arrays have its shape."""
+  if logit is not None:
+    return jax.nn.sigmoid(logit), jax.nn.log_sigmoid(logit), jax.nn.log_sigmoid(-logit)
+  return gate, jnp.log(gate), jnp.log1p(-gate)
 
 
 def mix_weights(m, z, gate, mix: str, *, log_gate=None, log_1m_gate=None):
@@ -59,10 +83,20 @@ def mix_weights(m, z, gate, mix: str, *, log_gate=None, log_1m_gate=None):
     log_ws = log_gate + m
     c = jnp.maximum(log_ws, log_1m_gate + jnp.log(jnp.maximum(jnp.abs(z), TINY)))
     c = jax.lax.stop_gradient(c)
-    return jnp.exp(log_ws - c), jnp.exp(log_1m_gate - c)
-  if mix == "lolcats":
-    return jnp.broadcast_to(gate, m.shape), jnp.ones_like(m)
-  raise ValueError(f"mix must be one of {MIXES}, got {mix!r}")
+    w_s, w_l = jnp.exp(log_ws - c), jnp.exp(log_1m_gate - c)
+  elif mix == "lolcats":
+    # Shifted by c = max(log g, log|z|) like the gated weights: (g N + a) / (g S + z) is the
+    # same number, but den is not ~g S when g is tiny (den^2 underflows in the gradient).
+    log_gate = jnp.log(gate) if log_gate is None else log_gate
+    c = jnp.maximum(log_gate, jnp.log(jnp.maximum(jnp.abs(z), TINY)))
+    scale = jnp.exp(-jax.lax.stop_gradient(c))
+    w_s, w_l = gate * scale, jnp.broadcast_to(scale, m.shape)
+  else:
+    raise ValueError(f"mix must be one of {MIXES}, got {mix!r}")
+  # A linear read-out without mass (z = 0: nothing absorbed yet, so a = 0 too) takes no part.
+  # y is unchanged, but dy/da = w_l / den is not formed: with a saturated gate the softmax
+  # weight in den is tiny, w_l / den overflows and inf x (H = 0) would make gradients NaN.
+  return w_s, jnp.where(z == 0, jnp.zeros((), w_l.dtype), w_l)
 
 
 def mix_branches(w_s, w_l, s, n, a, z):
@@ -82,7 +116,8 @@ def mix_branches(w_s, w_l, s, n, a, z):
 
 
 def self_recall_error(phi_k, v, linear_h, linear_s, eps: float):
-  """|| v - phi_k^T H / (phi_k^T s + eps) ||_2 for every pair, in the accumulation dtype.
+  """|| v - phi_k^T H / (phi_k^T s + eps) ||_2 for every pair, in the accumulation dtype (the
+  recall is 0 where the denominator is 0: module docstring).
 
   Args:
     phi_k: [..., N, D] feature-mapped keys.  v: [..., N, dv] values.
@@ -94,6 +129,7 @@ def self_recall_error(phi_k, v, linear_h, linear_s, eps: float):
   acc = linear_h.dtype
   phi_k = phi_k.astype(acc)
   recalled = jnp.matmul(phi_k, linear_h, precision=HIGHEST, preferred_element_type=acc)
-  recalled = recalled / (jnp.sum(phi_k * linear_s, axis=-1, keepdims=True) + eps)
+  den = jnp.sum(phi_k * linear_s, axis=-1, keepdims=True) + eps
+  recalled = jnp.where(den == 0, 0.0, recalled / jnp.where(den == 0, 1.0, den))
   residual = v.astype(acc) - recalled
   return jnp.sqrt(jnp.sum(residual * residual, axis=-1, keepdims=True))

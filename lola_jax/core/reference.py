@@ -15,8 +15,11 @@ from lola_jax.core.config import LoLAConfig
 
 
 def _self_recall_error(phi_k, v, linear_h, linear_s, eps):
-  recalled = phi_k @ linear_h / (phi_k @ linear_s + eps)
-  return float(np.linalg.norm(v - recalled))
+  """||v - phi_k^T H / (phi_k^T s + eps)||; a zero denominator recalls nothing (error ||v||)."""
+  den = phi_k @ linear_s + eps
+  recalled = phi_k @ linear_h / den if den != 0 else np.zeros_like(v)
+  err = float(np.linalg.norm(v - recalled))
+  return err if np.isfinite(err) else np.inf  # NaN/Inf: cannot be recalled (ranks first)
 
 
 def _random_score(position: int, head: int, seed: int) -> int:
@@ -105,12 +108,23 @@ def _select(config, candidates_by_head, errors_by_head, v_sq_by_head, mass, head
 
 
 def lola_reference(
-  q, k, v, phi_q, phi_k, gate, *, config: LoLAConfig, return_cache=False, prior_positions=None
+  q,
+  k,
+  v,
+  phi_q,
+  phi_k,
+  gate=None,
+  *,
+  gate_logit=None,
+  config: LoLAConfig,
+  return_cache=False,
+  prior_positions=None,
 ):
   """LoLA attention of whole sequences, one token at a time, in float64.
 
   Args: as `lola_prefill` (q [B,T,Hq,dk], k [B,T,Hkv,dk], v [B,T,Hkv,dv], phi_q [B,T,Hq,D],
-    phi_k [B,T,Hkv,D], gate [Hq]) without state or lengths.
+    phi_k [B,T,Hkv,D], gate [Hq] or gate_logit [Hq]) without state or lengths; from logits,
+    g = 1 / (1 + e^-x) and 1 - g = 1 / (1 + e^x) in float64.
     return_cache: also return the final sparse cache positions.
     prior_positions: policy "sre_below": int [B, P] positions held by the layer below, the same
       at every chunk end (-1 entries are ignored).
@@ -119,11 +133,19 @@ def lola_reference(
     y: float64 np.ndarray [B, T, Hq, dv]; with return_cache, also int32 [B, Hkv, L] cached
     positions in increasing order, -1 for empty slots (last).
   """
-  validation.check_attention_inputs("lola_reference", q, k, v, phi_q, phi_k, gate, has_time=True)
+  given = validation.check_gate_args("lola_reference", gate, gate_logit)
+  validation.check_attention_inputs("lola_reference", q, k, v, phi_q, phi_k, *given, has_time=True)
   validation.check_prior_positions("lola_reference", prior_positions, config.policy, q.shape[0])
   if prior_positions is not None:
     prior_positions = np.asarray(prior_positions)
-  q, k, v, phi_q, phi_k, gate = (np.asarray(x, np.float64) for x in (q, k, v, phi_q, phi_k, gate))
+  q, k, v, phi_q, phi_k = (np.asarray(x, np.float64) for x in (q, k, v, phi_q, phi_k))
+  if gate_logit is None:
+    gate = np.asarray(gate, np.float64)
+    one_minus_gate = 1.0 - gate
+  else:
+    x = np.asarray(gate_logit, np.float64)
+    with np.errstate(over="ignore"):
+      gate, one_minus_gate = 1.0 / (1.0 + np.exp(-x)), 1.0 / (1.0 + np.exp(x))
   b_size, t_size, hq, dk = q.shape
   hkv, dv, feat = k.shape[2], v.shape[3], phi_k.shape[3]
   group = hq // hkv
@@ -148,18 +170,18 @@ def lola_reference(
           probs = np.exp(logits - logits.max())
           for j, p in zip(softmax_set, probs / probs.sum(), strict=True):
             mass[h][j] = mass[h].get(j, 0.0) + p
-          g = gate[i]
+          g, g1 = gate[i], one_minus_gate[i]
           lin_num = phi_q[b, t, i] @ linear_h[h]
           lin_den = phi_q[b, t, i] @ linear_s[h]
           if config.mix == "gated":
             w = np.exp(logits)
-            num = g * w @ vals + (1 - g) * lin_num
-            den = g * w.sum() + (1 - g) * lin_den
+            num = g * w @ vals + g1 * lin_num
+            den = g * w.sum() + g1 * lin_den
           else:
             w = np.exp(logits - logits.max())
             num = g * w @ vals + lin_num
             den = g * w.sum() + lin_den
-          y[b, t, i] = num / den
+          y[b, t, i] = num / (den if den != 0 else 1.0)  # 0/0 (g = 0, nothing absorbed) -> 0
       if (t + 1) % c:
         continue
       # Chunk n is complete: chunk n-1 leaves the window and competes with the cache.

@@ -33,6 +33,7 @@ from lola_jax.core.config import LoLAConfig
 from lola_jax.core.selection import SRE_POLICIES, Candidates, update_sparse_cache
 from lola_jax.core.state import LoLAState, init_state
 from pallas_kernels.common import resolve_implementation
+from pallas_kernels.equations import gate_terms
 from pallas_kernels.lola_chunk import attend, lola_chunk_step
 from pallas_kernels.lola_chunk.xla import chunk_mask
 
@@ -85,7 +86,7 @@ class ChunkBlock:
   index: jax.Array
 
 
-def _attend(config, q, phi_q, keys, values, key_mask, linear_h, linear_s, gate, mass_queries=None):
+def _attend(config, q, phi_q, keys, values, key_mask, linear_h, linear_s, gates, mass_queries=None):
   """LoLA outputs of a block of queries (`pallas_kernels.lola_chunk.attend`), and the softmax
   mass the keys received.
 
@@ -94,7 +95,7 @@ def _attend(config, q, phi_q, keys, values, key_mask, linear_h, linear_s, gate, 
     keys: [B, Hkv, Tk, dk]  values: [B, Hkv, Tk, dv]
     key_mask: bool, broadcastable to [B, Hkv, Tq, Tk]: key i is in query t's softmax set.
     linear_h: [B, Hkv, D, dv] float32  linear_s: [B, Hkv, D] float32
-    gate: [Hkv, G] float32 in (0, 1).
+    gates: (g, log g, log(1-g)), each [Hkv, G] (`pallas_kernels.equations.gate_terms`).
     mass_queries: optional [B, Tq] bool, the queries whose softmax mass is accumulated.
 
   Returns:
@@ -103,7 +104,7 @@ def _attend(config, q, phi_q, keys, values, key_mask, linear_h, linear_s, gate, 
     mass_i = sum_{g, t} e^{l_ti - m_t} / S_t.
   """
   y, p, s = attend(
-    q, phi_q, keys, values, key_mask, linear_h, linear_s, gate,
+    q, phi_q, keys, values, key_mask, linear_h, linear_s, gates,
     scale=config.scale(q.shape[-1]), mix=config.mix,
   )  # fmt: skip
   if mass_queries is None:
@@ -197,13 +198,13 @@ def _cache_fields(cache: Candidates) -> dict:
   )
 
 
-def _chunk_attend(config, carry: ChunkCarry, q, phi_q, keys, values, key_mask, gate, new_query):
+def _chunk_attend(config, carry: ChunkCarry, q, phi_q, keys, values, key_mask, gates, new_query):
   """The chunk's outputs, by the fused Pallas kernel or the XLA form: the one dispatch point.
 
   Args:
     q: [B, Hkv, G, C, dk]  phi_q: [B, Hkv, G, C, D]  keys/values: [B, Hkv, L + 2C, .]
       ([cache; window; chunk]).  key_mask: [B, Hkv, L + 2C] which keys exist (the causal
-      structure inside the chunk is applied here).  gate: [Hkv, G].
+      structure inside the chunk is applied here).  gates: the gate terms, [Hkv, G] each.
     new_query: [B, C] bool, the queries whose softmax mass is accumulated ("attention" policy).
 
   Returns:
@@ -216,25 +217,26 @@ def _chunk_attend(config, carry: ChunkCarry, q, phi_q, keys, values, key_mask, g
     y, scores = lola_chunk_step(
       q, phi_q, keys, values, key_mask,
       jnp.concatenate([carry.cache.phi_k, carry.window_phi_k], axis=-2),
-      carry.linear_h, carry.linear_s, gate,
+      carry.linear_h, carry.linear_s, None,
       cache_size=lam, mix=config.mix, softmax_scale=config.softmax_scale, eps=config.eps,
-      with_sre=config.policy in SRE_POLICIES and lam > 0,
+      with_sre=config.policy in SRE_POLICIES and lam > 0, gates=gates,
     )  # fmt: skip
     return y, scores, None
   track = config.policy == "attention"
   y, key_mass = _attend(
     config, q, phi_q, keys, values, chunk_mask(key_mask, lam, c), carry.linear_h,
-    carry.linear_s, gate, mass_queries=new_query if track else None,
+    carry.linear_s, gates, mass_queries=new_query if track else None,
   )  # fmt: skip
   return y, None, key_mass
 
 
-def _chunk_step(config, gate, prior_positions, carry: ChunkCarry, block: ChunkBlock):
+def _chunk_step(config, gates, prior_positions, carry: ChunkCarry, block: ChunkBlock):
   """One chunk of the prefill scan: its outputs, then the cache update of the rows it completes.
 
   Args:
-    config: the layer's LoLAConfig.  gate: [Hkv, G].  prior_positions: [B, P] or None
-      ("sre_below").  carry: the state before the chunk.  block: the chunk's tokens.
+    config: the layer's LoLAConfig.  gates: the gate terms, [Hkv, G] each.
+    prior_positions: [B, P] or None ("sre_below").  carry: the state before the chunk.
+    block: the chunk's tokens.
 
   Returns:
     The carry after the chunk (rows whose chunk is incomplete keep theirs, with the mass their
@@ -254,10 +256,18 @@ def _chunk_step(config, gate, prior_positions, carry: ChunkCarry, block: ChunkBl
     ],
     axis=-1,
   )
+  # A non-finite value of this chunk must reach only the queries at or after it (as in the
+  # reference), but in the masked product p @ v a future key's weight 0 times NaN is NaN: attend
+  # with such values zeroed, then mark each output component that a non-finite value at or
+  # before its position feeds. Older pairs (cache, window, H) reach every query: no masking.
+  bad = ~jnp.isfinite(v) & block.real[:, None, :, None]  # [B, Hkv, C, dv]
+  seen_bad = jnp.cumsum(bad, axis=-2, dtype=jnp.int32) > 0
+  values = values.at[..., -c:, :].set(jnp.where(bad, jnp.zeros((), v.dtype), v))
   y, scores, key_mass = _chunk_attend(
     config, carry, _group_queries(block.q, hkv), _group_queries(block.phi_q, hkv), keys, values,
-    key_mask, gate, block.new_query,
+    key_mask, gates, block.new_query,
   )  # fmt: skip
+  y = jnp.where(seen_bad[:, :, None], jnp.nan, y)
   track = config.policy == "attention"
   block_mass = block.mass
   if track:  # every pair keeps the mass it received, whether or not the chunk completes
@@ -333,8 +343,9 @@ def lola_prefill(
   v,
   phi_q,
   phi_k,
-  gate,
+  gate=None,
   *,
+  gate_logit=None,
   config: LoLAConfig,
   state=None,
   lengths=None,
@@ -345,7 +356,10 @@ def lola_prefill(
   Args:
     q: [B, T, Hq, dk] queries.  k: [B, T, Hkv, dk] keys.  v: [B, T, Hkv, dv] values.
     phi_q: [B, T, Hq, D] feature-mapped queries.  phi_k: [B, T, Hkv, D] feature-mapped keys.
-    gate: [Hq] mixing gate g in (0, 1).
+    gate: [Hq] mixing gate g in [0, 1]; or gate_logit: [Hq] its logits x (g = sigmoid(x)),
+      from which the mix is computed in log space with finite gradients however saturated the
+      gate (`pallas_kernels.equations`; a probability of exactly 0 or 1 has log g or log(1-g)
+      = -inf and an infinite derivative there). Give exactly one.
     config: static LoLAConfig. `config.implementation` picks the chunk step: "pallas" runs the
       fused Pallas kernel (`pallas_kernels.lola_chunk`: softmax over [cache; window; chunk], the
       linear read-out, the mix and the self-recall errors in one kernel per chunk; interpret
@@ -353,8 +367,10 @@ def lola_prefill(
       the XLA step (see `_uses_pallas`). Selection, absorption and compaction are XLA.
     state: a LoLAState to continue from (any number of tokens already seen per row), or None to
       start fresh.
-    lengths: [B] int, tokens t >= lengths[b] are right padding: they are ignored, their outputs
-      are zero and they leave the state untouched. None means all T tokens are real.
+    lengths: [B] int in [0, T], tokens t >= lengths[b] are right padding: they are ignored
+      (their values never reach a real token), their outputs are zero and they leave the state
+      untouched. None means all T tokens are real. Out-of-range values raise when concrete;
+      under an outer `jax.jit`, where they cannot be inspected, they are clamped to [0, T].
     prior_positions: policy "sre_below" only: int [B, P], the positions the sparse cache of the
       layer below holds (-1 = empty), used at every chunk end of this call. Exact stacking
       needs the lower layer's cache at the same chunk end, which is what the model provides by
@@ -366,10 +382,10 @@ def lola_prefill(
   fn = "lola_prefill"
   if not isinstance(config, LoLAConfig):
     raise ValueError(f"{fn}: config must be a LoLAConfig, got {type(config).__name__}")
-  sizes = validation.check_attention_inputs(fn, q, k, v, phi_q, phi_k, gate, has_time=True)
-  validation.check_gate_values(fn, gate)
+  given = validation.check_gate_args(fn, gate, gate_logit)
+  sizes = validation.check_attention_inputs(fn, q, k, v, phi_q, phi_k, *given, has_time=True)
   if state is not None:
-    validation.check_state(fn, state, config, sizes)
+    validation.check_state(fn, state, config, sizes, dtype=k.dtype)
   if lengths is not None:  # values are checked here, where they are still concrete
     validation.check_lengths(fn, lengths, sizes["B"], sizes["T"])
   validation.check_prior_positions(fn, prior_positions, config.policy, sizes["B"])
@@ -379,7 +395,7 @@ def lola_prefill(
     v,
     phi_q,
     phi_k,
-    gate,
+    gate_terms(gate, gate_logit),
     config=config,
     state=state,
     lengths=lengths,
@@ -389,11 +405,11 @@ def lola_prefill(
 
 @functools.partial(jax.jit, static_argnames=("config",))
 def _lola_prefill(
-  q, k, v, phi_q, phi_k, gate, *, config: LoLAConfig, state, lengths, prior_positions=None
+  q, k, v, phi_q, phi_k, gates, *, config: LoLAConfig, state, lengths, prior_positions=None
 ):
-  """The jitted body of `lola_prefill` (inputs already validated)."""
+  """The jitted body of `lola_prefill` (inputs already validated; `gates` the gate terms)."""
   sizes = validation.check_attention_inputs(
-    "lola_prefill", q, k, v, phi_q, phi_k, gate, has_time=True
+    "lola_prefill", q, k, v, phi_q, phi_k, gates[0], has_time=True
   )
   b, t, hq, hkv, c = sizes["B"], sizes["T"], sizes["Hq"], sizes["Hkv"], config.chunk_size
   fresh = state is None
@@ -409,8 +425,14 @@ def _lola_prefill(
     )
   if lengths is None:
     lengths = jnp.full((b,), t, jnp.int32)
-  else:
-    lengths = lengths.astype(jnp.int32)
+  else:  # in range unless traced by an outer jit (docstring of lola_prefill)
+    lengths = jnp.clip(lengths.astype(jnp.int32), 0, t)
+    # Right padding may hold anything (NaN included): zero it so that none of it reaches a
+    # real token through a masked product (0 x NaN = NaN).
+    real_t = (jnp.arange(t)[None, :] < lengths[:, None])[:, :, None, None]
+    q, k, v, phi_q, phi_k = (
+      jnp.where(real_t, x, jnp.zeros((), x.dtype)) for x in (q, k, v, phi_q, phi_k)
+    )
   store = state.cache_k.dtype
   track = config.policy == "attention"  # accumulate per-pair softmax mass
 
@@ -451,7 +473,8 @@ def _lola_prefill(
     linear_h=state.linear_h,
     linear_s=state.linear_s,
   )
-  step = functools.partial(_chunk_step, config, gate.reshape(hkv, hq // hkv), prior_positions)
+  grouped = tuple(x.reshape(hkv, hq // hkv) for x in gates)
+  step = functools.partial(_chunk_step, config, grouped, prior_positions)
   carry, (ys, masses) = jax.lax.scan(step, carry0, blocks)
 
   # Outputs: back to [B, P, Hq, dv], then the T new slots of each row.
@@ -494,14 +517,25 @@ def _lola_prefill(
 
 
 def lola_decode(
-  q, k, v, phi_q, phi_k, gate, *, config: LoLAConfig, state: LoLAState, prior_positions=None
+  q,
+  k,
+  v,
+  phi_q,
+  phi_k,
+  gate=None,
+  *,
+  gate_logit=None,
+  config: LoLAConfig,
+  state: LoLAState,
+  prior_positions=None,
 ):
   """Appends one token per row and returns its LoLA output.
 
   Args:
     q: [B, Hq, dk]  k: [B, Hkv, dk]  v: [B, Hkv, dv]  phi_q: [B, Hq, D]  phi_k: [B, Hkv, D]
-    gate: [Hq] in (0, 1).  config: static LoLAConfig.  state: the LoLAState so far (rows may
-      have seen different numbers of tokens).
+    gate: [Hq] in [0, 1], or gate_logit: [Hq] its logits (as `lola_prefill`).
+    config: static LoLAConfig.  state: the LoLAState so far (rows may have seen different
+      numbers of tokens), in the inputs' dtype.
 
   Returns:
     y: [B, Hq, dv] in q.dtype, and the updated state. When a row's token completes its chunk,
@@ -512,12 +546,13 @@ def lola_decode(
   fn = "lola_decode"
   if not isinstance(config, LoLAConfig):
     raise ValueError(f"{fn}: config must be a LoLAConfig, got {type(config).__name__}")
-  sizes = validation.check_attention_inputs(fn, q, k, v, phi_q, phi_k, gate, has_time=False)
-  validation.check_gate_values(fn, gate)
-  validation.check_state(fn, state, config, sizes)
+  given = validation.check_gate_args(fn, gate, gate_logit)
+  sizes = validation.check_attention_inputs(fn, q, k, v, phi_q, phi_k, *given, has_time=False)
+  validation.check_state(fn, state, config, sizes, dtype=k.dtype)
   validation.check_prior_positions(fn, prior_positions, config.policy, sizes["B"])
+  gates = gate_terms(gate, gate_logit)
   return _lola_decode(
-    q, k, v, phi_q, phi_k, gate, config=config, state=state, prior_positions=prior_positions
+    q, k, v, phi_q, phi_k, gates, config=config, state=state, prior_positions=prior_positions
   )
 
 
@@ -561,11 +596,11 @@ def _roll_chunk(config, complete, has_window, prior_positions, st: LoLAState) ->
 
 @functools.partial(jax.jit, static_argnames=("config",))
 def _lola_decode(
-  q, k, v, phi_q, phi_k, gate, *, config: LoLAConfig, state: LoLAState, prior_positions=None
+  q, k, v, phi_q, phi_k, gates, *, config: LoLAConfig, state: LoLAState, prior_positions=None
 ):
-  """The jitted body of `lola_decode` (inputs already validated)."""
+  """The jitted body of `lola_decode` (inputs already validated; `gates` the gate terms)."""
   sizes = validation.check_attention_inputs(
-    "lola_decode", q, k, v, phi_q, phi_k, gate, has_time=False
+    "lola_decode", q, k, v, phi_q, phi_k, gates[0], has_time=False
   )
   b, hq, hkv, c = sizes["B"], sizes["Hq"], sizes["Hkv"], config.chunk_size
   store = state.cache_k.dtype
@@ -591,7 +626,7 @@ def _lola_decode(
     ],
     axis=-1,
   )[:, :, None, :]
-  gate_g = gate.reshape(hkv, hq // hkv)
+  grouped = tuple(x.reshape(hkv, hq // hkv) for x in gates)
   track = config.policy == "attention"
   y, key_mass = _attend(
     config,
@@ -602,7 +637,7 @@ def _lola_decode(
     mask,
     state.linear_h,
     state.linear_s,
-    gate_g,
+    grouped,
     mass_queries=jnp.ones((b, 1), bool) if track else None,
   )
   y = _ungroup(y)[:, 0]

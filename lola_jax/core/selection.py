@@ -86,7 +86,9 @@ def candidate_errors(config: LoLAConfig, cand: Candidates, linear_h, linear_s, s
   if scores is None:
     scores = self_recall_error(cand.phi_k, cand.v, linear_h, linear_s[..., None, :], config.eps)
     scores = scores[..., 0]
-  return jax.lax.stop_gradient(scores)
+  # A pair (or state) holding NaN/Inf cannot be recalled at all: the largest error, so the
+  # ranking stays defined (`lax.top_k` would rank NaN below empty slots).
+  return jax.lax.stop_gradient(jnp.where(jnp.isfinite(scores), scores, jnp.inf))
 
 
 def _top_l(scores: jax.Array, valid: jax.Array, cache_size: int) -> jax.Array:
@@ -272,9 +274,10 @@ def absorb(linear_h, linear_s, cand: Candidates, mask: jax.Array):
     (H + sum_{mask} phi_k v^T, s + sum_{mask} phi_k), float32.
   """
   acc = linear_h.dtype
-  w = mask.astype(acc)[..., None]
-  phi = cand.phi_k.astype(acc) * w
-  linear_h = linear_h + jnp.einsum("...nd,...ne->...de", phi, cand.v.astype(acc))
+  # Masked by selection, not by multiplication: a kept pair's NaN value must not enter H (0 x NaN).
+  phi = jnp.where(mask[..., None], cand.phi_k.astype(acc), 0.0)
+  v = jnp.where(mask[..., None], cand.v.astype(acc), 0.0)
+  linear_h = linear_h + jnp.einsum("...nd,...ne->...de", phi, v)
   linear_s = linear_s + jnp.sum(phi, axis=-2)
   return linear_h, linear_s
 

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lola_jax.core.config import LoLAConfig
-from lola_jax.core.state import LoLAState
+from lola_jax.core.state import LoLAState, accumulation_dtype
 
 
 def _shape_str(shape) -> str:
@@ -22,9 +22,26 @@ def check_float(fn: str, name: str, x) -> None:
     )
 
 
-def check_attention_inputs(fn, q, k, v, phi_q, phi_k, gate, *, has_time: bool) -> dict:
-  """Validates ranks, dtypes and the consistency of sizes; returns the sizes by letter."""
-  names = ("q", "k", "v", "phi_q", "phi_k", "gate")
+def check_gate_args(fn: str, gate, gate_logit) -> tuple:
+  """Exactly one of `gate` (values in [0, 1], checked if concrete) and `gate_logit`; returns
+  (the given array, its name) for `check_attention_inputs`."""
+  if (gate is None) == (gate_logit is None):
+    raise ValueError(
+      f"{fn}: give exactly one of gate ([Hq] in [0, 1]) and gate_logit ([Hq] logits), got "
+      f"{'both' if gate is not None else 'neither'}"
+    )
+  if gate_logit is not None:
+    return gate_logit, "gate_logit"
+  check_gate_values(fn, gate)
+  return gate, "gate"
+
+
+def check_attention_inputs(
+  fn, q, k, v, phi_q, phi_k, gate, gate_name="gate", *, has_time: bool
+) -> dict:
+  """Validates ranks, dtypes and the consistency of sizes; returns the sizes by letter. `gate`
+  is the gate or its logits, named `gate_name` in the messages."""
+  names = ("q", "k", "v", "phi_q", "phi_k", gate_name)
   for name, x in zip(names, (q, k, v, phi_q, phi_k, gate), strict=True):
     check_float(fn, name, x)
   lead = "B,T" if has_time else "B"
@@ -63,14 +80,44 @@ def check_attention_inputs(fn, q, k, v, phi_q, phi_k, gate, *, has_time: bool) -
       f"key/value heads (k: Hkv={out['Hkv']})"
     )
   if gate.shape != (out["Hq"],):
-    raise ValueError(f"{fn}: gate must have shape [Hq]=[{out['Hq']}], got {_shape_str(gate.shape)}")
+    raise ValueError(
+      f"{fn}: {gate_name} must have shape [Hq]=[{out['Hq']}], got {_shape_str(gate.shape)}"
+    )
   if has_time and out["T"] < 1:
     raise ValueError(f"{fn}: q must hold at least one token (T >= 1), got T={out['T']}")
   return out
 
 
-def check_state(fn: str, state, config: LoLAConfig, sizes: dict) -> None:
-  """The state must have been built for this config and these sizes."""
+# The state's leaves by role: stored pairs (the inputs' dtype), accumulators, integer counters.
+_STORED = ("cache_k", "cache_v", "cache_phi_k", "window_k", "window_v", "window_phi_k",
+           "chunk_k", "chunk_v", "chunk_phi_k")  # fmt: skip
+_ACCUMULATED = ("linear_h", "linear_s", "cache_mass", "window_mass", "chunk_mass")
+_COUNTERS = ("cache_positions", "num_tokens")
+
+
+def check_state_dtypes(fn: str, state: LoLAState, dtype) -> None:
+  """The state must hold the inputs' dtype: a state of another dtype would silently change the
+  arithmetic (the new tokens would be cast to it). `dtype`: the dtype of k."""
+  want = {name: jnp.dtype(dtype) for name in _STORED}
+  want.update({name: accumulation_dtype(dtype) for name in _ACCUMULATED})
+  want.update({name: jnp.dtype(jnp.int32) for name in _COUNTERS})
+  for name, expected in want.items():
+    got = getattr(state, name).dtype
+    if got != expected:
+      raise ValueError(
+        f"{fn}: state.{name} has dtype {got}, expected {expected} for inputs of dtype "
+        f"{jnp.dtype(dtype)} (k); a state is continued in the dtype it was built with "
+        "(init_state(dtype=...) or the lola_prefill that returned it)"
+      )
+
+
+def check_state(fn: str, state, config: LoLAConfig, sizes: dict, dtype=None) -> None:
+  """The state must have been built for this config, these sizes and (if given) this dtype."""
+  if state is None and fn == "lola_decode":
+    raise ValueError(
+      f"{fn}: state is required (decode continues one: start it with lola_prefill or "
+      "init_state), got None"
+    )
   if not isinstance(state, LoLAState):
     raise ValueError(f"{fn}: state must be a LoLAState or None, got {type(state).__name__}")
   expected = {
@@ -91,6 +138,8 @@ def check_state(fn: str, state, config: LoLAConfig, sizes: dict) -> None:
         f"(state.cache_k has shape {_shape_str(state.cache_k.shape)}, state.window_k "
         f"{_shape_str(state.window_k.shape)}, state.linear_h {_shape_str(state.linear_h.shape)})"
       )
+  if dtype is not None:
+    check_state_dtypes(fn, state, dtype)
 
 
 def check_gate_values(fn: str, gate) -> None:
@@ -104,6 +153,8 @@ def check_gate_values(fn: str, gate) -> None:
 
 
 def check_lengths(fn: str, lengths, batch: int, time: int) -> None:
+  """`lengths` [B] int in [0, T]; the values are checked when concrete (under an outer jit the
+  jitted body clamps them to [0, T] instead: `lola_prefill`)."""
   dtype = getattr(lengths, "dtype", None)
   if dtype is None or not jnp.issubdtype(dtype, jnp.integer):
     raise ValueError(f"{fn}: lengths must be an integer array of shape [B]=[{batch}], got {dtype}")

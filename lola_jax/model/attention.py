@@ -224,24 +224,26 @@ class _WindowedAttention(Attention):
       dtype=c.compute_dtype,
     )
 
-  def fresh_forward(self, q, k, v, phi_q, phi_k, gate) -> jax.Array:
+  def fresh_forward(self, q, k, v, phi_q, phi_k, gate_logit) -> jax.Array:
     """The training forward from an empty state (no state built): y [B, T, Hq, d]."""
-    return lola_prefill(q, k, v, phi_q, phi_k, gate, config=self.config.lola_config)[0]
+    config = self.config.lola_config
+    return lola_prefill(q, k, v, phi_q, phi_k, gate_logit=gate_logit, config=config)[0]
 
   def attend(self, q, k, v, positions, state, lengths, *, decode: bool, prior):
     del positions
     config = self.config.lola_config
-    phi_q, phi_k, gate = self.phi_q(q), self.phi_k(k), self.gate()
+    phi_q, phi_k, gate_logit = self.phi_q(q), self.phi_k(k), self.gate.logits()
     below = {} if prior is None else {"prior_positions": prior}
     if decode:
       xs = (x[:, 0] for x in (q, k, v, phi_q, phi_k))
-      y, state = lola_decode(*xs, gate, config=config, state=state, **below)
+      y, state = lola_decode(*xs, gate_logit=gate_logit, config=config, state=state, **below)
       return y[:, None], state
     if state is None:
-      return self.fresh_forward(q, k, v, phi_q, phi_k, gate), None
+      return self.fresh_forward(q, k, v, phi_q, phi_k, gate_logit), None
     return lola_prefill(
-      q, k, v, phi_q, phi_k, gate, config=config, state=state, lengths=lengths, **below
-    )
+      q, k, v, phi_q, phi_k, gate_logit=gate_logit, config=config, state=state, lengths=lengths,
+      **below,
+    )  # fmt: skip
 
 
 class HybridAttention(_WindowedAttention):
@@ -255,17 +257,17 @@ class HybridAttention(_WindowedAttention):
   def lola_config(cls, config):
     return dataclasses.replace(config.lola, cache_size=0)
 
-  def fresh_forward(self, q, k, v, phi_q, phi_k, gate) -> jax.Array:
+  def fresh_forward(self, q, k, v, phi_q, phi_k, gate_logit) -> jax.Array:
     lola = self.config.lola
     if lola.implementation == "reference":
-      return super().fresh_forward(q, k, v, phi_q, phi_k, gate)
+      return super().fresh_forward(q, k, v, phi_q, phi_k, gate_logit)
     return hybrid_attention(
       q,
       k,
       v,
       phi_q,
       phi_k,
-      gate,
+      gate_logit=gate_logit,
       chunk_size=lola.chunk_size,
       mix=lola.mix,
       softmax_scale=lola.softmax_scale,

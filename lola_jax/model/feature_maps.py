@@ -94,11 +94,19 @@ class FeatureMap(nnx.Module):
 
 
 class Gate(nnx.Module):
-  """Per-query-head gate g = sigmoid(param) in (0, 1) between softmax and linear memories."""
+  """Per-query-head gate g = sigmoid(param) in (0, 1) between softmax and linear memories.
+
+  The attention hands the core the logits (`logits()`): the core mixes in log space from them,
+  so a saturated gate (|logit| >= 17 rounds g to 0 or 1 in float32) keeps finite gradients.
+  """
 
   def __init__(self, num_heads: int, init: float = 0.0):
     self.logit = nnx.Param(jnp.full((num_heads,), init, jnp.float32), logical_axes=("heads",))
 
   def __call__(self) -> jax.Array:
-    """[H] float32."""
+    """g [H] float32."""
     return jax.nn.sigmoid(self.logit[...])
+
+  def logits(self) -> jax.Array:
+    """x [H] float32, g = sigmoid(x)."""
+    return self.logit[...]

@@ -9,15 +9,19 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 
 from pallas_kernels import common
-from pallas_kernels.equations import MIXES
+from pallas_kernels.equations import MIXES, gate_terms
 from pallas_kernels.hybrid.pallas import hybrid_attention_pallas
 from pallas_kernels.hybrid.xla import hybrid_attention_xla
 
 
-def validate_hybrid_inputs(q, k, v, phi_q, phi_k, gate, chunk_size, mix, softmax_scale):
-  """Raises a ValueError naming the argument, what it got and the expected shape."""
+def validate_hybrid_inputs(
+  q, k, v, phi_q, phi_k, gate, chunk_size, mix, softmax_scale, gate_name="gate"
+):
+  """Raises a ValueError naming the argument, what it got and the expected shape. `gate` is
+  the gate or its logits, named `gate_name`."""
   sizes = common.check_layouts(
     {
       "q": (q, "[B, T, Hq, dk]"),
@@ -25,12 +29,12 @@ def validate_hybrid_inputs(q, k, v, phi_q, phi_k, gate, chunk_size, mix, softmax
       "v": (v, "[B, T, Hkv, dv]"),
       "phi_q": (phi_q, "[B, T, Hq, D]"),
       "phi_k": (phi_k, "[B, T, Hkv, D]"),
-      "gate": (gate, "[Hq]"),
+      gate_name: (gate, "[Hq]"),
     }
   )
   hq, hkv = sizes["Hq"], sizes["Hkv"]
   common.check_heads_and_length("q", "k/v", hq, hkv, q.shape)
-  common.check_floats({"q": q, "k": k, "v": v, "phi_q": phi_q, "phi_k": phi_k, "gate": gate})
+  common.check_floats({"q": q, "k": k, "v": v, "phi_q": phi_q, "phi_k": phi_k, gate_name: gate})
   common.check_positive_int("chunk_size", chunk_size)
   if mix not in MIXES:
     raise ValueError(f"mix must be one of {MIXES}, got {mix!r}")
@@ -44,19 +48,26 @@ def validate_hybrid_inputs(q, k, v, phi_q, phi_k, gate, chunk_size, mix, softmax
   jax.jit,
   static_argnames=("chunk_size", "mix", "softmax_scale", "impl", "block_sizes", "interpret"),
 )
-def _dispatch(q, k, v, phi_q, phi_k, gate, chunk_size, mix, softmax_scale, impl, block_sizes,
+def _dispatch(q, k, v, phi_q, phi_k, gates, chunk_size, mix, softmax_scale, impl, block_sizes,
               interpret):  # fmt: skip
+  # Every pair reaches every later query (window or linear state), so a non-finite value
+  # component at position j makes exactly that component of the outputs at t >= j non-finite.
+  # The forms compute with such values zeroed (in a masked product a future key's weight 0 times
+  # NaN would be NaN for earlier queries too) and those components are set to NaN after.
+  bad = ~jnp.isfinite(v)  # [B, T, Hkv, dv]
+  seen_bad = jnp.repeat(jnp.cumsum(bad, axis=1, dtype=jnp.int32) > 0, q.shape[2] // v.shape[2], 2)
+  v = jnp.where(bad, jnp.zeros((), v.dtype), v)
   if impl == "pallas":
     y = hybrid_attention_pallas(
-      q, k, v, phi_q, phi_k, gate, chunk_size=chunk_size, mix=mix, softmax_scale=softmax_scale,
+      q, k, v, phi_q, phi_k, gates, chunk_size=chunk_size, mix=mix, softmax_scale=softmax_scale,
       block_sizes=block_sizes, interpret=interpret,
     )  # fmt: skip
   else:
     y = hybrid_attention_xla(
-      q, k, v, phi_q, phi_k, gate, chunk_size=chunk_size, mix_name=mix,
+      q, k, v, phi_q, phi_k, gates, chunk_size=chunk_size, mix_name=mix,
       softmax_scale=softmax_scale,
     )  # fmt: skip
-  return y.astype(q.dtype)
+  return jnp.where(seen_bad, jnp.nan, y).astype(q.dtype)
 
 
 def hybrid_attention(
@@ -65,7 +76,7 @@ def hybrid_attention(
   v,  # [B, T, Hkv, dv]
   phi_q,  # [B, T, Hq, D]
   phi_k,  # [B, T, Hkv, D]
-  gate,  # [Hq] in (0, 1)
+  gate=None,  # [Hq] in [0, 1], or None with gate_logit
   *,
   chunk_size: int = 64,
   mix: str = "gated",
@@ -73,6 +84,7 @@ def hybrid_attention(
   implementation: str | None = None,
   block_sizes: common.BlockSizes | None = None,
   interpret=None,
+  gate_logit=None,  # [Hq] the gate's logits x (g = sigmoid(x)), instead of gate
 ):
   """LoLA with an empty sparse cache (terraced window + linear attention): y [B, T, Hq, dv].
 
@@ -80,9 +92,14 @@ def hybrid_attention(
   fresh state (equations in the module docstrings of `hybrid.pallas` and `hybrid.xla`).
   Differentiable in q, k, v, phi_q, phi_k and gate. implementation: None = "pallas" on TPU,
   "xla" on GPU/CPU; "reference" is the XLA form as well (the float64 reference is
-  `lola_jax.lola_reference`).
+  `lola_jax.lola_reference`). The gate is `gate` (g) or `gate_logit` (x): from the logit the
+  gradient is finite however saturated the gate (`pallas_kernels.equations`).
   """
-  validate_hybrid_inputs(q, k, v, phi_q, phi_k, gate, chunk_size, mix, softmax_scale)
+  if (gate is None) == (gate_logit is None):
+    raise ValueError("hybrid_attention: give exactly one of gate and gate_logit")
+  name = "gate" if gate_logit is None else "gate_logit"
+  given = gate if gate_logit is None else gate_logit
+  validate_hybrid_inputs(q, k, v, phi_q, phi_k, given, chunk_size, mix, softmax_scale, name)
   impl = common.resolve_implementation(implementation)
   native = not (common.interpret_mode() if interpret is None else interpret)
   bs = block_sizes or common.BlockSizes.get_default()
@@ -95,6 +112,7 @@ def hybrid_attention(
         f"chunk_size must be a power of two for the compiled Pallas kernel on "
         f"{jax.default_backend()} (Triton), got {chunk_size}; use implementation='xla'"
       )
+  gates = gate_terms(gate, gate_logit)
   return _dispatch(
-    q, k, v, phi_q, phi_k, gate, chunk_size, mix, softmax_scale, impl, block_sizes, interpret
+    q, k, v, phi_q, phi_k, gates, chunk_size, mix, softmax_scale, impl, block_sizes, interpret
   )

@@ -16,7 +16,10 @@ Backward, with delta = dy . y:
     dphi_q = rho dy H^T - rho delta s^T                  (forward walk, H before the chunk)
     dH_n = phi_q^T (rho dy),  ds_n = -phi_q^T (rho delta); chunk j's phi_k, v receive
     R_j = sum_{n >= j+2} dH_n:  dphi_k_j = v_j R_j^T + 1 r_j^T,  dv_j += phi_k_j R_j  (reverse walk)
-    dg_t = sum_i dl_i / (g (1-g)) (gated)   or   sum_i dl_i / g (lolcats, before the max term).
+    d log g_t = sum_i dl_i (lolcats: before the max term), d log(1-g)_t = -sum_i dl_i (gated,
+    whose output depends on log g - log(1-g) only; 0 for lolcats): the cotangents of the gate's
+    log terms, which a caller holding the gate's logit x turns into a finite dx however
+    saturated the gate (`pallas_kernels.equations`).
 """
 
 from __future__ import annotations
@@ -83,7 +86,6 @@ def _bwd_kernel(
   q_ref, k_ref, v_ref, pq_ref, pk_ref, lg_ref, lg1_ref, dy_ref, y_ref, lse_ref, rho_ref,
   dq_ref, dk_ref, dv_ref, dpq_ref, dpk_ref, dg_ref, *, c, n, scale, mix,
 ):  # fmt: skip
-  lg, lg1 = lg_ref[...], lg1_ref[...]
   d, dvd = pq_ref.shape[1], v_ref.shape[1]
 
   def fwd_body(i, carry):
@@ -97,10 +99,8 @@ def _bwd_kernel(
     dlp = pp * (dot(dy, vp, tb=True) - delta)
     dlc = pc * (dot(dy, vc, tb=True) - delta)
     tot = jnp.sum(dlp, axis=1, keepdims=True) + jnp.sum(dlc, axis=1, keepdims=True)
-    if mix == "gated":
-      dg_ref[cur, :] = tot * jnp.exp(-lg - lg1)
-    else:
-      dg_ref[cur, :] = tot * jnp.exp(-lg)
+    dg_ref[cur, :] = tot  # d log g (d log(1-g) = -tot for gated, 0 for lolcats: _hybrid_bwd)
+    if mix == "lolcats":
       m = jnp.maximum(jnp.max(lp, axis=1, keepdims=True), jnp.max(lc, axis=1, keepdims=True))
       ip = jnp.where(okp & (lp == m), 1.0, 0.0)
       ic = jnp.where(okc & (lc == m), 1.0, 0.0)
@@ -162,28 +162,30 @@ def _forward(q, k, v, pq, pk, lg, lg1, *, c, scale, mix, interpret):
   )(q, k, v, pq, pk, lg, lg1)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
-def _hybrid_core(q, k, v, pq, pk, gate, c, scale, mix, interpret):
-  """q [B,Hq,Tp,dk] k [B,Hkv,Tp,dk] v [B,Hkv,Tp,dv] pq [B,Hq,Tp,D] pk [B,Hkv,Tp,D] gate [Hq]."""
-  return _hybrid_fwd(q, k, v, pq, pk, gate, c, scale, mix, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
+def _hybrid_core(q, k, v, pq, pk, lg, lg1, c, scale, mix, interpret):
+  """q [B,Hq,Tp,dk] k [B,Hkv,Tp,dk] v [B,Hkv,Tp,dv] pq [B,Hq,Tp,D] pk [B,Hkv,Tp,D]; lg, lg1
+  [Hq] log g and log(1-g) (the kernels take g = e^{lg} for lolcats)."""
+  return _hybrid_fwd(q, k, v, pq, pk, lg, lg1, c, scale, mix, interpret)[0]
 
 
-def _log_gates(gate):
-  g = gate.astype(F32).reshape(-1, 1, 1)
-  return jnp.log(g), jnp.log1p(-g)
+def _per_head(x):
+  return x.astype(F32).reshape(-1, 1, 1)
 
 
-def _hybrid_fwd(q, k, v, pq, pk, gate, c, scale, mix, interpret):
-  lg, lg1 = _log_gates(gate)
-  y, lse, rho = _forward(q, k, v, pq, pk, lg, lg1, c=c, scale=scale, mix=mix, interpret=interpret)
-  return y, (q, k, v, pq, pk, gate, y, lse, rho)
+def _hybrid_fwd(q, k, v, pq, pk, lg, lg1, c, scale, mix, interpret):
+  y, lse, rho = _forward(
+    q, k, v, pq, pk, _per_head(lg), _per_head(lg1), c=c, scale=scale, mix=mix,
+    interpret=interpret,
+  )  # fmt: skip
+  return y, (q, k, v, pq, pk, lg, lg1, y, lse, rho)
 
 
 def _hybrid_bwd(c, scale, mix, interpret, res, dy):
-  q, k, v, pq, pk, gate, y, lse, rho = res
+  q, k, v, pq, pk, lg_h, lg1_h, y, lse, rho = res
   b, hq, tp, dk = q.shape
   hkv, dv, d = v.shape[1], v.shape[3], pq.shape[3]
-  lg, lg1 = _log_gates(gate)
+  lg, lg1 = _per_head(lg_h), _per_head(lg1_h)
   out_shape, out_specs = head_outputs(
     b, hq, [(tp, dk), (tp, dk), (tp, dv), (tp, d), (tp, d), (tp, 1)]
   )
@@ -197,13 +199,15 @@ def _hybrid_bwd(c, scale, mix, interpret, res, dy):
     interpret=interpret,
     name="lola_hybrid_bwd",
   )(q, k, v, pq, pk, lg, lg1, dy.astype(F32), y, lse, rho)
+  dlg = dg.sum(axis=(0, 2, 3))  # [Hq]
   return (
     dq.astype(q.dtype),
     common.group_sum(dk_, hkv).astype(k.dtype),
     common.group_sum(dv_, hkv).astype(v.dtype),
     dpq.astype(pq.dtype),
     common.group_sum(dpk, hkv).astype(pk.dtype),
-    dg.sum(axis=(0, 2, 3)).astype(gate.dtype),
+    dlg.astype(lg_h.dtype),
+    (-dlg if mix == "gated" else jnp.zeros_like(dlg)).astype(lg1_h.dtype),
   )
 
 
@@ -211,9 +215,11 @@ _hybrid_core.defvjp(_hybrid_fwd, _hybrid_bwd)
 
 
 def hybrid_attention_pallas(
-  q, k, v, phi_q, phi_k, gate, *, chunk_size, mix, softmax_scale, block_sizes=None, interpret=None
+  q, k, v, phi_q, phi_k, gates, *, chunk_size, mix, softmax_scale, block_sizes=None, interpret=None
 ):
-  """Pads (time to whole chunks, feature dims to the block sizes), runs the kernel, crops."""
+  """Pads (time to whole chunks, feature dims to the block sizes), runs the kernel, crops.
+  `gates`: (g, log g, log(1-g)), each [Hq] (`equations.gate_terms`); the kernels read the logs
+  (g = e^{log g} for lolcats)."""
   bs = block_sizes or common.BlockSizes.get_default()
   interpret = common.interpret_mode() if interpret is None else interpret
   t, dk, dv, d = q.shape[1], q.shape[3], v.shape[3], phi_q.shape[3]
@@ -228,7 +234,8 @@ def hybrid_attention_pallas(
     common.to_heads(v, tp, dvp),
     common.to_heads(phi_q, tp, dp),
     common.to_heads(phi_k, tp, dp),
-    gate,
+    gates[1],
+    gates[2] if mix == "gated" else jax.lax.stop_gradient(gates[2]),  # lolcats: unread
     c,
     scale,
     mix,

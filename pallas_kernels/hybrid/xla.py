@@ -24,8 +24,9 @@ from pallas_kernels.common import HIGHEST, NEG
 from pallas_kernels.equations import mix_branches, mix_weights
 
 
-def hybrid_attention_xla(q, k, v, phi_q, phi_k, gate, *, chunk_size, mix_name, softmax_scale):
-  """Chunk-parallel XLA form; returns y [B, T, Hq, dv] float32 (see module docstring)."""
+def hybrid_attention_xla(q, k, v, phi_q, phi_k, gates, *, chunk_size, mix_name, softmax_scale):
+  """Chunk-parallel XLA form; returns y [B, T, Hq, dv] float32 (see module docstring).
+  `gates`: (g, log g, log(1-g)), each [Hq] (`equations.gate_terms`)."""
   b, t, hq, dk = q.shape
   hkv, dv, d = v.shape[2], v.shape[3], phi_q.shape[3]
   grp, c = hq // hkv, chunk_size
@@ -64,8 +65,10 @@ def hybrid_attention_xla(q, k, v, phi_q, phi_k, gate, *, chunk_size, mix_name, s
   sv = shift2(ks)[:, :, :n]
   a = jnp.einsum("bhgnqd,bhndv->bhgnqv", pq, h, precision=HIGHEST)
   z = jnp.einsum("bhgnqd,bhnd->bhgnq", pq, sv, precision=HIGHEST)[..., None]
-  g = gate.astype(jnp.float32).reshape(hkv, grp)[None, :, :, None, None, None]
-  w_s, w_l = mix_weights(m, z, g, mix_name)
+  g, lg, lg1 = (
+    x.astype(jnp.float32).reshape(hkv, grp)[None, :, :, None, None, None] for x in gates
+  )
+  w_s, w_l = mix_weights(m, z, g, mix_name, log_gate=lg, log_1m_gate=lg1)
   y, _ = mix_branches(w_s, w_l, s_soft, n_soft, a, z)
   y = y.reshape(b, hq, n * c, dv)[:, :, :t]
   return jnp.swapaxes(y, 1, 2)

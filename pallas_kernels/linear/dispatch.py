@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 
 from pallas_kernels import common
 from pallas_kernels.linear.pallas import linear_attention_pallas
@@ -43,6 +44,14 @@ def validate_linear_inputs(phi_q, phi_k, v, chunk_size, initial_state, eps):
 )
 def _dispatch(phi_q, phi_k, v, initial_state, chunk_size, eps, implementation, block_sizes,
               interpret):  # fmt: skip
+  # A non-finite value component at position j reaches exactly that component of the outputs at
+  # t >= j and of the final H (as the per-token sum does), never an earlier token: the forms run
+  # with such values zeroed (inside a chunk the masked product would make 0 x NaN leak
+  # backwards) and those components are set to NaN after.
+  bad = ~jnp.isfinite(v)  # [B, T, Hkv, dv]
+  seen_bad = jnp.cumsum(bad, axis=1, dtype=jnp.int32) > 0
+  seen_bad = jnp.repeat(seen_bad, phi_q.shape[2] // v.shape[2], axis=2)
+  v = jnp.where(bad, jnp.zeros((), v.dtype), v)
   if implementation == "pallas":
     y, state = linear_attention_pallas(
       phi_q, phi_k, v, chunk_size=chunk_size, initial_state=initial_state, eps=eps,
@@ -54,7 +63,9 @@ def _dispatch(phi_q, phi_k, v, initial_state, chunk_size, eps, implementation, b
     )
   else:
     y, state = linear_attention_scan(phi_q, phi_k, v, initial_state=initial_state, eps=eps)
-  return y.astype(phi_q.dtype), state
+  h, s = state
+  h = jnp.where(jnp.any(bad, axis=1)[:, :, None, :], jnp.nan, h)
+  return jnp.where(seen_bad, jnp.nan, y).astype(phi_q.dtype), (h, s)
 
 
 def linear_attention(

@@ -45,7 +45,13 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import common
 from pallas_kernels.common import F32, NEG, dot, head_outputs, head_specs
-from pallas_kernels.equations import MIXES, mix_branches, mix_weights, self_recall_error
+from pallas_kernels.equations import (
+  MIXES,
+  gate_terms,
+  mix_branches,
+  mix_weights,
+  self_recall_error,
+)
 from pallas_kernels.lola_chunk.xla import lola_chunk_step_xla
 
 
@@ -85,10 +91,11 @@ def _pad(x, shape):
 
 
 def _forward_pallas(
-  q, phi_q, keys, values, key_mask, cand_phi_k, linear_h, linear_s, gate,
+  q, phi_q, keys, values, key_mask, cand_phi_k, linear_h, linear_s, lg, lg1,
   *, cache_size, scale, mix, eps, with_sre, block_sizes, interpret,
 ):  # fmt: skip
-  """Pads, runs the kernel over grid (B, Hkv), crops. Shapes as `lola_chunk_step`."""
+  """Pads, runs the kernel over grid (B, Hkv), crops. Shapes as `lola_chunk_step`; lg, lg1:
+  [Hkv, G] log g and log(1-g)."""
   bs = block_sizes or common.BlockSizes.get_default()
   b, hkv, g, c, dk = q.shape
   dv, d, nk = values.shape[-1], phi_q.shape[-1], keys.shape[-2]
@@ -109,9 +116,12 @@ def _forward_pallas(
   sp = _pad(linear_s.astype(F32)[:, :, None, :], (b, hkv, 1, dp))
   row = jnp.arange(rp, dtype=jnp.int32)
   qpos = jnp.where(row < rows, row % c, c - 1)[:, None]  # [Rp, 1] position in the chunk
-  gate_rows = jnp.repeat(gate.astype(F32), c, axis=1)  # [Hkv, G*C]
-  gate_rows = jnp.pad(gate_rows, ((0, 0), (0, rp - rows)), constant_values=0.5)[..., None]
-  lg, lg1 = jnp.log(gate_rows), jnp.log1p(-gate_rows)
+
+  def per_row(x):  # [Hkv, G] -> [Hkv, Rp, 1]; padded rows get g = 1/2
+    x = jnp.repeat(x.astype(F32), c, axis=1)
+    return jnp.pad(x, ((0, 0), (0, rp - rows)), constant_values=-jnp.log(2.0))[..., None]
+
+  lg, lg1 = per_row(lg), per_row(lg1)
 
   per_bh = lambda *tails: head_specs(1, [("q", tail) for tail in tails])
   per_h = pl.BlockSpec((pl.squeezed, rp, 1), lambda i, j: (j, 0, 0))  # one row block per kv head
@@ -141,36 +151,36 @@ def _forward_pallas(
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10, 11, 12, 13, 14, 15))
-def _step(q, pq, keys, values, key_mask, cand_phi_k, linear_h, linear_s, gate,
+def _step(q, pq, keys, values, key_mask, cand_phi_k, linear_h, linear_s, gates,
           cache_size, scale, mix, eps, with_sre, block_sizes, interpret):  # fmt: skip
   return _forward_pallas(
-    q, pq, keys, values, key_mask > 0, cand_phi_k, linear_h, linear_s, gate,
+    q, pq, keys, values, key_mask > 0, cand_phi_k, linear_h, linear_s, gates[1], gates[2],
     cache_size=cache_size, scale=scale, mix=mix, eps=eps, with_sre=with_sre,
     block_sizes=block_sizes, interpret=interpret,
   )  # fmt: skip
 
 
-def _step_fwd(q, pq, keys, values, key_mask, cand_phi_k, linear_h, linear_s, gate,
+def _step_fwd(q, pq, keys, values, key_mask, cand_phi_k, linear_h, linear_s, gates,
               cache_size, scale, mix, eps, with_sre, block_sizes, interpret):  # fmt: skip
   out = _step(
-    q, pq, keys, values, key_mask, cand_phi_k, linear_h, linear_s, gate,
+    q, pq, keys, values, key_mask, cand_phi_k, linear_h, linear_s, gates,
     cache_size, scale, mix, eps, with_sre, block_sizes, interpret,
   )  # fmt: skip
-  return out, (q, pq, keys, values, key_mask, cand_phi_k, linear_h, linear_s, gate)
+  return out, (q, pq, keys, values, key_mask, cand_phi_k, linear_h, linear_s, gates)
 
 
 def _step_bwd(cache_size, scale, mix, eps, with_sre, block_sizes, interpret, res, cts):
   del block_sizes, interpret, with_sre
-  q, pq, keys, values, key_mask, cand_phi_k, linear_h, linear_s, gate = res
+  q, pq, keys, values, key_mask, cand_phi_k, linear_h, linear_s, gates = res
   dy = cts[0]  # the self-recall errors are selection scores: their cotangent is dropped
 
-  def y_of(q, pq, keys, values, linear_h, linear_s, gate):
+  def y_of(q, pq, keys, values, linear_h, linear_s, gates):
     return lola_chunk_step_xla(
-      q, pq, keys, values, key_mask > 0, cand_phi_k, linear_h, linear_s, gate,
-      cache_size=cache_size, scale=scale, mix=mix, eps=eps, with_sre=False,
+      q, pq, keys, values, key_mask > 0, cand_phi_k, linear_h, linear_s, None,
+      cache_size=cache_size, scale=scale, mix=mix, eps=eps, with_sre=False, gates=gates,
     )[0]  # fmt: skip
 
-  _, vjp = jax.vjp(y_of, q, pq, keys, values, linear_h, linear_s, gate)
+  _, vjp = jax.vjp(y_of, q, pq, keys, values, linear_h, linear_s, gates)
   dq, dpq, dk, dv, dh, ds, dg = vjp(dy.astype(F32))
   return (dq, dpq, dk, dv, jnp.zeros_like(key_mask), jnp.zeros_like(cand_phi_k), dh, ds, dg)
 
@@ -187,7 +197,7 @@ def lola_chunk_step(
   cand_phi_k,  # [B, Hkv, L + C, D]  phi_k of [cache; window]
   linear_h,  # [B, Hkv, D, dv] float32
   linear_s,  # [B, Hkv, D] float32
-  gate,  # [Hkv, G] in (0, 1)
+  gate,  # [Hkv, G] in [0, 1], or None with gate_logit
   *,
   cache_size: int,
   mix: str = "gated",
@@ -196,8 +206,14 @@ def lola_chunk_step(
   with_sre: bool = True,
   block_sizes: common.BlockSizes | None = None,
   interpret=None,
+  gate_logit=None,  # [Hkv, G] the gate's logits x (g = sigmoid(x)), instead of gate
+  gates=None,  # (g, log g, log(1-g)) [Hkv, G] each (`equations.gate_terms`), instead of both
 ):
   """One LoLA chunk step fused in a Pallas kernel (module docstring for the equations).
+
+  The gate is given as g (`gate`), as its logit (`gate_logit`: finite gradients however
+  saturated, `pallas_kernels.equations`) or as the terms both become (`gates`); the kernel reads
+  log g and log(1-g), its backward differentiates the XLA form in all three terms.
 
   `key_mask` says which keys exist (cache slots in use, the window once one chunk is complete,
   the chunk's real tokens); the causal structure inside the chunk is applied by the kernel.
@@ -216,9 +232,20 @@ def lola_chunk_step(
     raise ValueError(f"cand_phi_k must have L + C = {cache_size + c} rows, got {cand_phi_k.shape}")
   if mix not in MIXES:
     raise ValueError(f"mix must be one of {MIXES}, got {mix!r}")
+  if not (isinstance(eps, (int, float)) and eps >= 0):
+    raise ValueError(f"eps must be a float >= 0, got {eps!r}")
+  if sum(x is not None for x in (gate, gate_logit, gates)) != 1:
+    raise ValueError("give exactly one of gate, gate_logit and gates")
   scale = dk**-0.5 if softmax_scale is None else float(softmax_scale)
   interpret = common.interpret_mode() if interpret is None else interpret
+  g, lg, lg1 = gate_terms(gate, gate_logit) if gates is None else gates
+  # The backward returns a concrete zero for the terms the mix does not read (gated: g,
+  # lolcats: the logs); stopping them keeps 0 x (d log g / dg = inf at g = 0) out of the chain.
+  if mix == "gated":
+    gates = (jax.lax.stop_gradient(g), lg, lg1)
+  else:
+    gates = (g, jax.lax.stop_gradient(lg), jax.lax.stop_gradient(lg1))
   return _step(
-    q, phi_q, keys, values, key_mask.astype(F32), cand_phi_k, linear_h, linear_s, gate,
+    q, phi_q, keys, values, key_mask.astype(F32), cand_phi_k, linear_h, linear_s, gates,
     cache_size, scale, mix, float(eps), bool(with_sre), block_sizes, interpret,
   )  # fmt: skip

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from pallas_kernels.equations import mix_branches, mix_weights, self_recall_error
+from pallas_kernels.equations import gate_terms, mix_branches, mix_weights, self_recall_error
 
 
 def softmax_statistics(logits, mask, values):
@@ -47,7 +47,7 @@ def softmax_statistics(logits, mask, values):
   return m, s, n, p
 
 
-def attend(q, phi_q, keys, values, mask, linear_h, linear_s, gate, *, scale: float, mix: str):
+def attend(q, phi_q, keys, values, mask, linear_h, linear_s, gates, *, scale: float, mix: str):
   """LoLA outputs of a block of queries against the softmax set and the linear state.
 
   Args:
@@ -55,7 +55,7 @@ def attend(q, phi_q, keys, values, mask, linear_h, linear_s, gate, *, scale: flo
     keys: [B, Hkv, Tk, dk]  values: [B, Hkv, Tk, dv]
     mask: bool, broadcastable to [B, Hkv, Tq, Tk]: key i is in query t's softmax set.
     linear_h: [B, Hkv, D, dv] float32  linear_s: [B, Hkv, D] float32 (float64 in float64 runs).
-    gate: [Hkv, G] in (0, 1).
+    gates: (g, log g, log(1-g)), each [Hkv, G] (`equations.gate_terms`).
     scale: the logit scale.  mix: "gated" or "lolcats".
 
   Returns:
@@ -68,7 +68,8 @@ def attend(q, phi_q, keys, values, mask, linear_h, linear_s, gate, *, scale: flo
   phi_q = phi_q.astype(acc)
   a = jnp.einsum("bhgqf,bhfe->bhgqe", phi_q, linear_h)
   z = jnp.einsum("bhgqf,bhf->bhgq", phi_q, linear_s)[..., None]
-  w_s, w_l = mix_weights(m, z, jnp.asarray(gate, acc)[None, :, :, None, None], mix)
+  g, lg, lg1 = (jnp.asarray(x, acc)[None, :, :, None, None] for x in gates)
+  w_s, w_l = mix_weights(m, z, g, mix, log_gate=lg, log_1m_gate=lg1)
   y, _ = mix_branches(w_s, w_l, s, n, a, z)
   return y, p, s
 
@@ -83,12 +84,15 @@ def chunk_mask(key_mask, cache_size: int, chunk_size: int):
 
 def lola_chunk_step_xla(
   q, phi_q, keys, values, key_mask, cand_phi_k, linear_h, linear_s, gate,
-  *, cache_size, scale, mix, eps, with_sre,
+  *, cache_size, scale, mix, eps, with_sre, gate_logit=None, gates=None,
 ):  # fmt: skip
-  """`lola_chunk_step` in plain JAX (shapes and returns as there): its oracle and backward."""
+  """`lola_chunk_step` in plain JAX (shapes and returns as there): its oracle and backward. The
+  gate is `gate` in [0, 1], its logit `gate_logit`, or the terms `gates` (then `gate` is None).
+  """
   c = q.shape[-2]
+  gates = gate_terms(gate, gate_logit) if gates is None else gates
   y, _, _ = attend(
-    q, phi_q, keys, values, chunk_mask(key_mask, cache_size, c), linear_h, linear_s, gate,
+    q, phi_q, keys, values, chunk_mask(key_mask, cache_size, c), linear_h, linear_s, gates,
     scale=scale, mix=mix,
   )  # fmt: skip
   sre = None
