@@ -16,7 +16,8 @@ feature maps (`lola_jax.pretrained`); only the attention differs. Stages:
 Results go to the workdir as they come (`cells.jsonl`, one line per prompt, so a rerun resumes),
 then `results.json` (rows: model, method, task, context, accuracy = teacher-forced,
 greedy_accuracy, state_bytes, full_kv_bytes), `perplexity.json`, `decode.json`, `report.md` and
-`recall.png`.
+`recall.png` (accuracy against context) and `depths.png` (accuracy over needle depth x context,
+per method).
 """
 
 from __future__ import annotations
@@ -296,7 +297,8 @@ def main(argv):
       _setting("depths"),
       workdir,
     )
-    results = summarise(base, rows, [c for c in cells if c["context"] in contexts])
+    cells = [c for c in cells if c["context"] in contexts]
+    results = summarise(base, rows, cells)
     json.dump(results, open(os.path.join(workdir, "results.json"), "w"), indent=1)
     summary["recall"] = results
   if "perplexity" in stages:
@@ -320,6 +322,10 @@ def main(argv):
   if summary.get("recall"):
     png = report.plot_recall(summary["recall"], os.path.join(workdir, "recall.png"))
     print(f"wrote {png}")
+    if len({c["depth"] for c in cells}) > 1:
+      labels = {m.name: m.label for m in rows}
+      png = report.plot_depths(cells, labels, os.path.join(workdir, "depths.png"))
+      print(f"wrote {png}")
   print(f"wrote {workdir}/results.json, report.md ({summary['seconds'] / 60:.1f} min)")
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import matplotlib
+import matplotlib.ticker
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from experiments.reporting import plots
 
 
 def _mib(nbytes: int) -> str:
@@ -64,8 +66,9 @@ def markdown(summary: dict) -> str:
 def plot_recall(rows: list[dict], path: str) -> str:
   """Teacher-forced accuracy against context (one panel per task); returns `path`."""
   tasks = sorted({r["task"] for r in rows})
-  fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 4.2), squeeze=False)
-  cmap = plt.get_cmap("tab20")
+  fig = Figure(figsize=(6.5 * len(tasks), 4.2))
+  axes = fig.subplots(1, len(tasks), squeeze=False)
+  cmap = colormaps["tab20"]
   for ax, task in zip(axes[0], tasks, strict=True):
     labels = list(dict.fromkeys(r["label"] for r in rows if r["task"] == task))
     for i, label in enumerate(labels):
@@ -87,5 +90,25 @@ def plot_recall(rows: list[dict], path: str) -> str:
     ax.legend(fontsize=7, loc="lower left")
   fig.tight_layout()
   fig.savefig(path, dpi=120)
-  plt.close(fig)
   return path
+
+
+def depth_cells(cells: list[dict], labels: dict[str, str]) -> list[dict]:
+  """Per-prompt cells -> one cell per (method, task, context, depth) with its forced accuracy.
+
+  `labels` maps method names to report labels; cells of other methods are left out.
+  """
+  groups: dict[tuple, list[bool]] = {}
+  for c in cells:
+    if c["method"] in labels:
+      key = (labels[c["method"]], c["task"], c["context"], round(c["depth"], 4))
+      groups.setdefault(key, []).append(bool(c["forced"]))
+  return [
+    {"label": label, "task": task, "context": ctx, "depth": depth, "accuracy": float(np.mean(v))}
+    for (label, task, ctx, depth), v in groups.items()
+  ]
+
+
+def plot_depths(cells: list[dict], labels: dict[str, str], path: str, task="passkey") -> str:
+  """Heat maps of teacher-forced accuracy over needle depth x context, one panel per method."""
+  return plots.depth_heatmaps(depth_cells(cells, labels), path, task=task)

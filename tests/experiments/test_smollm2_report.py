@@ -1,0 +1,96 @@
+"""The SmolLM2 evaluation's bookkeeping: method rows, per-depth aggregation, tables, figures,
+and the cache probe's held shares (synthetic inputs; the real model runs in the slow suite)."""
+
+import types
+
+import numpy as np
+import pytest
+
+from experiments.smollm2 import methods, probe, report
+
+
+def _cells():
+  rng = np.random.default_rng(0)
+  cells = []
+  for method in ("teacher", "lola64_sre", "hybrid"):
+    for ctx in (2048, 4096):
+      for i in range(6):
+        cells.append(
+          {
+            "method": method,
+            "task": "passkey",
+            "context": ctx,
+            "index": i,
+            "depth": [0.0, 0.5, 1.0][i % 3],
+            "forced": bool(rng.random() < 0.6),
+          }
+        )
+  return cells
+
+
+def test_depth_cells_average_forced_per_depth():
+  cells = _cells()
+  labels = {"teacher": "teacher (full KV)", "lola64_sre": "LoLA 64"}
+  out = report.depth_cells(cells, labels)
+  assert {c["label"] for c in out} == set(labels.values())  # hybrid is not asked for
+  assert len(out) == 2 * 2 * 3
+  for c in out:
+    name = next(k for k, v in labels.items() if v == c["label"])
+    same = [
+      x["forced"]
+      for x in cells
+      if x["method"] == name and x["context"] == c["context"] and x["depth"] == c["depth"]
+    ]
+    assert len(same) == 2
+    assert c["accuracy"] == sum(same) / 2
+
+
+def test_figures_and_table(tmp_path):
+  cells = _cells()
+  labels = {"teacher": "teacher (full KV)", "lola64_sre": "LoLA 64", "hybrid": "hybrid"}
+  rows = [
+    {
+      "label": labels[m],
+      "task": "passkey",
+      "context": ctx,
+      "prompts": 6,
+      "accuracy": a,
+      "greedy_accuracy": a / 2,
+      "state_bytes": 2**20,
+      "full_kv_bytes": 2**23,
+    }
+    for m, a in (("teacher", 1.0), ("lola64_sre", 0.5), ("hybrid", 0.25))
+    for ctx in (2048, 4096)
+  ]
+  table = report.recall_table(rows)
+  assert "| LoLA 64 | 50% / 25% (6) | 50% / 25% (6) | 1.00 | 8.00 |" in table
+  for fn, name in ((report.plot_recall, "recall.png"),):
+    path = fn(rows, str(tmp_path / name))
+    assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG", path
+  report.plot_depths(cells, labels, str(tmp_path / "depths.png"))
+  assert (tmp_path / "depths.png").stat().st_size > 1000
+
+
+def test_equal_bytes_window_matches_the_state_accounting():
+  # LoLA window 2C pairs (k, v) + L cached (k, v, phi k); a hybrid window of 2C' pairs.
+  d, big_d, c, cache = 64, 128, 64, 64
+  wide = methods.equal_bytes_chunk(c, cache, d, big_d)
+  assert 2 * wide * 2 * d == 2 * c * 2 * d + cache * (2 * d + big_d)
+  with pytest.raises(ValueError, match="cache 1 has no whole-chunk"):
+    methods.equal_bytes_chunk(c, 1, d, 96)  # 224 bytes/4 of extra: not a whole chunk row
+
+
+def test_probe_held_shares():
+  # Two layers, 2 kv heads, cache of 3 slots, chunk 4, 20 tokens seen: window from 12 on.
+  def state(slots):
+    return types.SimpleNamespace(
+      cache_positions=np.asarray([slots]),
+      num_tokens=np.asarray([20]),
+      window_k=np.zeros((1, 2, 4, 8)),
+    )
+
+  states = [state([[1, 5, -1], [7, 9, 11]]), state([[-1, -1, -1], [-1, -1, -1]])]
+  positions = np.asarray([5, 6, 7, 17])
+  held, window = probe.held_shares(states, positions)
+  np.testing.assert_allclose(held, [0.5, 0.0])  # 5 and 7 cached (different heads)
+  np.testing.assert_allclose(window, [0.25, 0.25])  # window = positions >= (20 // 4 - 1) * 4
