@@ -150,15 +150,18 @@ def _end_of_chunk(
 def _uses_pallas(config: LoLAConfig, acc_dtype) -> bool:
   """Which chunk step `lola_prefill` runs, from `config.implementation`.
 
-  "pallas": the fused Pallas chunk step (`pallas_kernels.lola_chunk`; interpret mode on CPU).
-  "xla": the plain-JAX step. None: Pallas on TPU, XLA on GPU/CPU (docs/benchmarks.md).
+  "pallas" (the local backend's kernels), "pallas_tpu", "pallas_triton": the fused Pallas chunk
+  step (`pallas_kernels.lola_chunk`; interpret mode on CPU, and a forced family lowers for its
+  platform from any machine). "xla": the plain-JAX step. None: Pallas on TPU, XLA on GPU/CPU
+  (`pallas_kernels.common.resolve_implementation`).
   "reference": the XLA step too (`lola_reference` is float64 NumPy and cannot run under jit; call
   it directly). Float64 inputs (whose state accumulates in float64) always take the XLA step: the
   kernel accumulates in f32; so does the "attention" policy, whose per-pair softmax mass the
   kernel does not produce.
   """
   impl = resolve_implementation(config.implementation)
-  return impl == "pallas" and acc_dtype != jnp.float64 and config.policy != "attention"
+  pallas = impl in ("pallas_tpu", "pallas_triton")
+  return pallas and acc_dtype != jnp.float64 and config.policy != "attention"
 
 
 def _select(pred, new, old):
@@ -220,6 +223,7 @@ def _chunk_attend(config, carry: ChunkCarry, q, phi_q, keys, values, key_mask, g
       carry.linear_h, carry.linear_s, None,
       cache_size=lam, mix=config.mix, softmax_scale=config.softmax_scale, eps=config.eps,
       with_sre=config.policy in SRE_POLICIES and lam > 0, gates=gates,
+      implementation=resolve_implementation(config.implementation),
     )  # fmt: skip
     return y, scores, None
   track = config.policy == "attention"
