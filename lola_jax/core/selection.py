@@ -94,13 +94,31 @@ def candidate_errors(config: LoLAConfig, cand: Candidates, linear_h, linear_s, s
 def _top_l(scores: jax.Array, valid: jax.Array, cache_size: int) -> jax.Array:
   """Keep mask of the `cache_size` valid candidates with the largest scores.
 
-  `lax.top_k` breaks ties towards the lower index, and candidates are in position order, so on
-  equal scores the older pair is kept.
+  On equal scores the older pair (lower index: candidates are in position order) is kept. When
+  fewer slots are dropped than kept (N - L < L, the usual L + C candidates with C < L), the
+  complement is found instead: the N - L smallest of the order (score, then newer first), a
+  `lax.top_k` of k = N - L on the negated scores read newest first (top_k breaks ties towards the
+  lower index, which is then the newer pair); the kept set is what is left. Both give the same
+  mask; the second sorts less on XLA CPU, where top_k costs grow with k.
   """
   if cache_size == 0:
     return jnp.zeros(valid.shape, bool)
   n = scores.shape[-1]
-  if jnp.issubdtype(scores.dtype, jnp.floating):
+  if cache_size >= n:
+    return valid
+  floating = jnp.issubdtype(scores.dtype, jnp.floating)
+  if n - cache_size < cache_size:
+    if floating:  # NaN ranks below empty slots (as in top_k), empty slots below any score
+      key = jnp.where(valid, -scores, jnp.finfo(scores.dtype).max)
+      key = jnp.where(jnp.isnan(scores), jnp.inf, key)
+    else:  # valid integer scores (positions, 31-bit hashes) are >= 0: -score cannot overflow
+      key = jnp.where(valid, -scores, jnp.iinfo(scores.dtype).max)
+    _, idx = jax.lax.top_k(jnp.flip(key, axis=-1), n - cache_size)
+    dropped = jnp.put_along_axis(
+      jnp.zeros(valid.shape, bool), n - 1 - idx, True, axis=-1, inplace=False
+    )
+    return valid & ~dropped
+  if floating:
     masked = jnp.where(valid, scores, -jnp.inf)
   else:
     masked = jnp.where(valid, scores, jnp.iinfo(scores.dtype).min)
@@ -267,6 +285,10 @@ POLICIES: dict[str, SelectionPolicy] = {
 SRE_POLICIES = ("sre", "energy", "energy_global", "sre_below")
 
 
+# Policies that keep min(L, |E|) pairs: at most N - L of the N candidates are dropped.
+FIXED_BUDGET_POLICIES = ("sre", "recency", "attention", "random", "sre_below")
+
+
 def absorb(linear_h, linear_s, cand: Candidates, mask: jax.Array):
   """Adds the masked candidates to the linear state (float32 accumulation).
 
@@ -282,6 +304,51 @@ def absorb(linear_h, linear_s, cand: Candidates, mask: jax.Array):
   return linear_h, linear_s
 
 
+def compaction_indices(mask: jax.Array, size: int):
+  """The indices of the True entries of `mask` in increasing order, without a sort.
+
+  Candidates are in position order, so the j-th True entry is the one whose inclusive running
+  count is j + 1: each True entry i is scattered to slot cumsum(mask)_i - 1 (a cumulative-sum
+  scatter over N entries instead of an argsort).
+
+  Args:
+    mask: [..., N] bool.  size: slots of the result (entries past it are dropped).
+
+  Returns:
+    (idx [..., size] int32, ok [..., size] bool): idx[j] is the j-th True entry where ok[j]
+    (0 elsewhere).
+  """
+  n = mask.shape[-1]
+  rank = jnp.cumsum(mask, axis=-1, dtype=jnp.int32) - 1
+  slot = jnp.where(mask & (rank < size), rank, size)  # dropped entries go to a spare slot
+  iota = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), mask.shape)
+  idx = jnp.zeros(mask.shape[:-1] + (size + 1,), jnp.int32)
+  idx = jnp.put_along_axis(idx, slot, iota, axis=-1, inplace=False)[..., :size]
+  ok = jnp.arange(size) < jnp.sum(mask, axis=-1, keepdims=True, dtype=jnp.int32)
+  return jnp.where(ok, idx, 0), ok
+
+
+def absorb_evicted(linear_h, linear_s, cand: Candidates, evict: jax.Array, max_evicted: int):
+  """`absorb` of the evicted candidates only: at most `max_evicted` of them (C for the
+  fixed-budget policies, whatever the cache size) are gathered by index and added with one
+  [D, E] x [E, dv] matmul per head, instead of contracting all N candidates under a 0/1 mask.
+  Empty gathered slots are zeroed by selection (a kept pair's NaN never enters H).
+  """
+  if max_evicted >= evict.shape[-1]:
+    return absorb(linear_h, linear_s, cand, evict)
+  acc = linear_h.dtype
+  idx, ok = compaction_indices(evict, max_evicted)
+
+  def rows(x):
+    x = jnp.take_along_axis(x, idx[..., None], axis=-2).astype(acc)
+    return jnp.where(ok[..., None], x, jnp.zeros((), acc))
+
+  phi, v = rows(cand.phi_k), rows(cand.v)
+  linear_h = linear_h + jnp.einsum("...nd,...ne->...de", phi, v)
+  linear_s = linear_s + jnp.sum(phi, axis=-2)
+  return linear_h, linear_s
+
+
 def update_sparse_cache(
   config: LoLAConfig, cand: Candidates, linear_h, linear_s, scores=None, prior=None
 ):
@@ -289,7 +356,7 @@ def update_sparse_cache(
 
   Args:
     config: the layer's LoLAConfig (cache_size L, policy, eps).
-    cand: N = L + C candidates (old cache, then the chunk leaving the window).
+    cand: N = L + C candidates (old cache, then the chunk leaving the window), in position order.
     linear_h: [..., D, dv] float32.  linear_s: [..., D] float32.
     scores: optional [..., N] float32 self-recall errors of `cand` against (linear_h, linear_s),
       already computed by the caller; handed to the policy (the "sre" policy then skips its own
@@ -299,18 +366,22 @@ def update_sparse_cache(
   Returns:
     (cache, linear_h, linear_s): `cache` a Candidates of L slots sorted by position with empty
     slots (zeros, position -1) last; the updated linear state.
+
+  The evicted pairs (valid, not kept) are absorbed by index (`absorb_evicted`), and the kept
+  ones are compacted in position order by a cumulative-sum scatter (`compaction_indices`): the
+  candidates are already in position order, so no sort is needed.
   """
   policy = POLICIES[config.policy]
   extra = {} if scores is None else {"scores": scores}
   if config.policy == "sre_below":
     extra["prior"] = prior
-  keep = policy(config, cand, linear_h, linear_s, **extra)
-  linear_h, linear_s = absorb(linear_h, linear_s, cand, cand.valid & ~keep)
-  lam = config.cache_size
-  # Kept pairs first, in position order; everything else after.
-  order_key = jnp.where(keep, cand.positions, jnp.iinfo(jnp.int32).max)
-  order = jnp.argsort(order_key, axis=-1)[..., :lam]
-  kept = jnp.take_along_axis(keep, order, axis=-1)
+  keep = policy(config, cand, linear_h, linear_s, **extra) & cand.valid
+  lam, n = config.cache_size, cand.positions.shape[-1]
+  max_evicted = n - lam if config.policy in FIXED_BUDGET_POLICIES else n
+  linear_h, linear_s = absorb_evicted(
+    linear_h, linear_s, cand, cand.valid & ~keep, max(max_evicted, 0)
+  )
+  order, kept = compaction_indices(keep, lam)
 
   def gather(x):
     x = jnp.take_along_axis(x, order[..., None], axis=-2)
