@@ -14,15 +14,26 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as pltriton
 
-# `implementation=` values of every op (and of `LoLAConfig`): None picks per backend
-# (`resolve_implementation`), "reference" is the op's plain-JAX reference form.
-IMPLEMENTATIONS = (None, "xla", "pallas", "reference")
+# `implementation=` values of every op (and of `LoLAConfig`): None picks per backend,
+# "pallas" is the local backend's Pallas (`resolve_implementation`), "pallas_tpu" / "pallas_triton"
+# force a kernel family whatever the machine (for `jax.export` to a device this machine lacks),
+# "reference" is the op's plain-JAX reference form.
+IMPLEMENTATIONS = (None, "xla", "pallas", "pallas_tpu", "pallas_triton", "reference")
+# The kernel families and the platform each compiles for (`lax.platform_dependent` keys).
+TARGETS = {"pallas_tpu": ("tpu",), "pallas_triton": ("cuda", "rocm")}
 
 F32 = jnp.float32
 HIGHEST = jax.lax.Precision.HIGHEST
+DEFAULT = jax.lax.Precision.DEFAULT
 # The kernels' "minus infinity" for masked logits: finite, so e^{l - m} never sees inf - inf.
 NEG = -1e30
+# TPU: lanes of a vreg (statistics are stored this wide: a [T, 1] array pads 128x in VMEM) and
+# the scoped-VMEM limit every TPU kernel declares (v2/v3 have 16 MiB per core, v5e's default).
+LANES = 128
+VMEM_LIMIT_BYTES = 16 * 2**20
 
 
 def _round_up(x: int, m: int) -> int:
@@ -36,6 +47,11 @@ def _next_pow2(x: int) -> int:
   return p
 
 
+def sublanes(dtype) -> int:
+  """Rows of a TPU (sublane x lane) tile for dtype: 8 for 32-bit, 16 for bf16, 32 for 8-bit."""
+  return 8 * max(1, 4 // jnp.dtype(dtype).itemsize)
+
+
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
   """Padding of the kernel tiles (the time block is the chunk; heads are grid axes).
@@ -45,8 +61,10 @@ class BlockSizes:
       phi_q^T H or phi_q^T s, so padding is exact).
     value_multiple: dv is zero-padded to a multiple of this (extra output columns are dropped).
     key_multiple: dk is zero-padded to a multiple of this (zero columns leave q.k unchanged).
-    chunk_multiple: the linear-attention chunk is rounded up to a multiple of this. The hybrid's
-      chunk is semantic (it defines the window) and is never changed; time is zero-padded instead.
+    chunk_multiple: the linear-attention chunk is rounded up to a multiple of this (and to the
+      dtype's sublane tile on TPU: 8 rows for f32, 16 for bf16), as are the fused LoLA step's
+      query rows and keys. The hybrid's chunk is semantic (it defines the window) and is never
+      changed: each chunk is zero-padded to the tile instead and the padding masked.
     pow2: round every padded dim up to a power of two (Triton needs power-of-two tensor shapes).
   """
 
@@ -64,15 +82,22 @@ class BlockSizes:
 
   @classmethod
   def get_default(cls, backend: str | None = None) -> BlockSizes:
-    """Defaults per backend: TPU tiles are 8 x 128, GPU dots want >= 16 and powers of two."""
+    """Defaults per backend ("tpu", "gpu"/"cuda"/"rocm"/"triton", None = the local one): TPU
+    tiles are 8 x 128 (the chunk 128 rows: one MXU pass), Triton dots want >= 16 and powers of
+    two; elsewhere (interpret mode) nothing is padded."""
     backend = backend or jax.default_backend()
     if backend == "tpu":
-      return cls(feature_multiple=128, value_multiple=128, key_multiple=128, chunk_multiple=8)
-    if backend in ("gpu", "cuda", "rocm"):
+      return cls(feature_multiple=128, value_multiple=128, key_multiple=128, chunk_multiple=128)
+    if backend in ("gpu", "cuda", "rocm", "triton"):
       return cls(
         feature_multiple=16, value_multiple=16, key_multiple=16, chunk_multiple=16, pow2=True
       )
     return cls()
+
+  @classmethod
+  def for_target(cls, target: str) -> BlockSizes:
+    """The defaults of a kernel family ("pallas_tpu" or "pallas_triton"), whatever the machine."""
+    return cls.get_default("tpu" if target == "pallas_tpu" else "triton")
 
   def pad_dim(self, x: int, multiple: int) -> int:
     x = _round_up(x, multiple)
@@ -80,17 +105,30 @@ class BlockSizes:
 
 
 def resolve_implementation(implementation: str | None) -> str:
-  """None -> "pallas" on TPU, "xla" on GPU and CPU; otherwise validated and returned.
+  """The form an op runs: "xla", "reference", "pallas_tpu" or "pallas_triton".
 
-  Not Pallas on GPU: compiled with Triton on an H200 the kernels are correct but 15x slower than
-  the XLA chunked form (docs/benchmarks.md), so the default takes XLA there until they are
-  rewritten chunk-parallel.
+  None -> "pallas_tpu" on TPU, "xla" on GPU and CPU. "pallas" -> the local backend's kernels:
+  "pallas_tpu" on TPU, "pallas_triton" on GPU, and on CPU "pallas_tpu" in interpret mode (the
+  family the project targets). A forced family ("pallas_tpu", "pallas_triton") is returned as is:
+  it runs compiled on its device, in interpret mode on CPU, and lowers for its platform from any
+  machine (`pallas_call`).
+
+  None stays XLA on GPU until the chunk-parallel Triton kernels are measured faster than the XLA
+  chunked form on a GPU (docs/kernels.md, experiments/benchmarks/gpu_session.sh).
   """
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+  backend = jax.default_backend()
   if implementation is None:
-    return "pallas" if default_pallas() else "xla"
+    return "pallas_tpu" if backend == "tpu" else "xla"
+  if implementation == "pallas":
+    return "pallas_triton" if backend in ("gpu", "cuda", "rocm") else "pallas_tpu"
   return implementation
+
+
+def is_pallas(implementation: str) -> bool:
+  """Whether a resolved implementation is a Pallas kernel family."""
+  return implementation in TARGETS
 
 
 def default_pallas() -> bool:
@@ -99,8 +137,84 @@ def default_pallas() -> bool:
 
 
 def interpret_mode():
-  """Pallas `interpret=` argument: False when a native backend compiles the kernel."""
+  """Whether the local backend can only interpret Pallas (no TPU or GPU)."""
   return jax.default_backend() not in ("tpu", "gpu", "cuda", "rocm")
+
+
+def compiler_params(target: str, *, dimension_semantics=None, num_warps=4, num_stages=2):
+  """The backend's Pallas compiler parameters.
+
+  pallas_tpu: `pltpu.CompilerParams` (named `TPUCompilerParams` in older JAX) with the grid's
+  dimension semantics ("parallel" axes may be split across TensorCores, "arbitrary" ones run in
+  order on one) and `vmem_limit_bytes = VMEM_LIMIT_BYTES`.
+  pallas_triton: Triton's `CompilerParams(num_warps, num_stages)`; passing them is what makes a
+  plain `pallas_call` on GPU compile with Triton rather than Mosaic GPU in JAX 0.10.
+  """
+  if target == "pallas_tpu":
+    cls = getattr(pltpu, "CompilerParams", None) or pltpu.TPUCompilerParams
+    return cls(dimension_semantics=tuple(dimension_semantics), vmem_limit_bytes=VMEM_LIMIT_BYTES)
+  if target == "pallas_triton":
+    cls = getattr(pltriton, "CompilerParams", None) or pltriton.TritonCompilerParams
+    return cls(num_warps=num_warps, num_stages=num_stages)
+  raise ValueError(f"target must be one of {tuple(TARGETS)}, got {target!r}")
+
+
+def pallas_call(kernel, *, target: str, interpret, compiler_params, **kwargs):
+  """`pl.pallas_call` for a kernel family, runnable here and exportable anywhere.
+
+  interpret: None (default) -> compiled on the family's platforms (Mosaic TPU, or Triton on
+  CUDA/ROCm) and interpreted on CPU, chosen by `lax.platform_dependent` at lowering: so a jitted
+  function lowers for `platforms=["tpu"]` / `["cuda"]` on a CPU-only machine (`jax.export`), runs
+  its numerics in interpret mode on CPU, and compiles on the device. False: compiled only. True
+  or an interpreter's params (`pltpu.InterpretParams()`): interpreted everywhere.
+
+  Returns a function of the kernel's operands.
+  """
+
+  def make(interp):
+    return pl.pallas_call(kernel, compiler_params=compiler_params, interpret=interp, **kwargs)
+
+  if interpret is False:
+    return make(False)
+  if interpret is not None:
+    return make(interpret)
+  compiled, interpreted = make(False), make(True)
+  branches = {platform: compiled for platform in TARGETS[target]}
+  return lambda *args: jax.lax.platform_dependent(*args, cpu=interpreted, **branches)
+
+
+def vmem_bytes(blocks, scratch=()) -> int:
+  """VMEM one TPU kernel invocation (one grid step) holds: every pipelined block twice (double
+  buffering) plus the scratch buffers once, each padded to whole (sublane, 128-lane) tiles.
+
+  Args:
+    blocks: (shape, dtype) of every in_spec / out_spec block (squeezed dims left out).
+    scratch: (shape, dtype) of every VMEM scratch buffer.
+
+  Returns:
+    bytes. The grid has no say: blocks are (C, X), so the figure is independent of T.
+  """
+
+  def tile_bytes(shape, dtype):
+    shape = tuple(shape)
+    if len(shape) == 1:
+      shape = (1,) + shape
+    *lead, rows, cols = shape
+    n = _round_up(rows, sublanes(dtype)) * _round_up(cols, LANES)
+    for x in lead:
+      n *= x
+    return n * jnp.dtype(dtype).itemsize
+
+  return 2 * sum(tile_bytes(*b) for b in blocks) + sum(tile_bytes(*s) for s in scratch)
+
+
+def check_vmem(name: str, nbytes: int) -> None:
+  """Raises a ValueError when a TPU kernel's blocks exceed `VMEM_LIMIT_BYTES`."""
+  if nbytes > VMEM_LIMIT_BYTES:
+    raise ValueError(
+      f"{name}: blocks need {nbytes / 2**20:.1f} MiB of VMEM, over the "
+      f"{VMEM_LIMIT_BYTES / 2**20:.0f} MiB limit; use a smaller chunk_size or head dims"
+    )
 
 
 def check_positive_int(name: str, val) -> None:
@@ -172,13 +286,46 @@ def group_sum(x, num_kv_heads: int):
   return x.reshape(b, num_kv_heads, hq // num_kv_heads, *x.shape[2:]).sum(axis=2)
 
 
-def dot(a, b, ta=False, tb=False):
-  """a @ b in float32 with optional transposes (a^T: contract dim 0 of a; b^T: dim 1 of b).
+def to_chunks(x, c: int, cp: int, last: int):
+  """[B, T, H, X] -> [B, H, n * cp, X_pad]: time cut into n = ceil(T / c) chunks of c tokens,
+  each zero-padded to cp rows (the kernel tile), the last dim zero-padded to X_pad."""
+  b, t, h, xd = x.shape
+  n = -(-t // c)
+  x = jnp.pad(x, [(0, 0), (0, n * c - t), (0, 0), (0, 0)]).reshape(b, n, c, h, xd)
+  x = jnp.pad(x, [(0, 0), (0, 0), (0, cp - c), (0, 0), (0, last - xd)])
+  return x.transpose(0, 3, 1, 2, 4).reshape(b, h, n * cp, last)
 
-  Kernel bodies use it for every 2-D product: full float32 precision, float32 accumulation.
+
+def from_chunks(x, t: int, c: int, cp: int, last: int):
+  """Inverse of `to_chunks`: [B, H, n * cp, X_pad] -> [B, T, H, X]."""
+  b, h, ncp, xp = x.shape
+  n = ncp // cp
+  x = x.reshape(b, h, n, cp, xp)[:, :, :, :c, :last].reshape(b, h, n * c, last)
+  return jnp.swapaxes(x[:, :, :t], 1, 2)
+
+
+def dot(a, b, ta=False, tb=False, *, precision=HIGHEST, dtype=None):
+  """a @ b with float32 accumulation and optional transposes (a^T: contract dim 0 of a; b^T:
+  dim 1 of b).
+
+  Kernel bodies use it for every 2-D product. dtype: the operand dtype both sides are cast to
+  (the kernel's input dtype: bf16 operands feed the MXU / tensor cores natively, f32 intermediates
+  such as softmax weights or the f32 state are rounded to it); None keeps them as they are.
+  precision: `lax.Precision` of the product (DEFAULT: one MXU pass for f32 on TPU, TF32 on GPU;
+  HIGHEST: full f32). On CPU (interpret mode) f32 products are exact either way.
   """
+  if dtype is not None:
+    a, b = a.astype(dtype), b.astype(dtype)
   dims = (((0,) if ta else (1,)), ((1,) if tb else (0,)))
-  return jax.lax.dot_general(a, b, (dims, ((), ())), precision=HIGHEST, preferred_element_type=F32)
+  return jax.lax.dot_general(
+    a, b, (dims, ((), ())), precision=precision, preferred_element_type=F32
+  )
+
+
+def kv_head(h, group: int):
+  """The kv head of query head h (a grid index): h // group, as `lax.div` (Mosaic lowers `//`
+  through sign arithmetic)."""
+  return h if group == 1 else jax.lax.div(h, group)
 
 
 def head_specs(group: int, shapes):
@@ -194,15 +341,56 @@ def head_specs(group: int, shapes):
 
   def spec(kind, tail):
     zeros = (0,) * len(tail)
-    div = 1 if kind == "q" else group
+    grp = 1 if kind == "q" else group
     return pl.BlockSpec(
-      (pl.squeezed, pl.squeezed) + tuple(tail), lambda b, h: (b, h // div) + zeros
+      (pl.squeezed, pl.squeezed) + tuple(tail), lambda b, h: (b, kv_head(h, grp)) + zeros
     )
 
   return [spec(kind, tail) for kind, tail in shapes]
 
 
-def head_outputs(batch: int, heads: int, tails):
-  """(out_shape, out_specs) of float32 outputs [batch, heads, *tail], one block per program."""
-  out_shape = [jax.ShapeDtypeStruct((batch, heads) + tuple(tail), F32) for tail in tails]
+def chunk_specs(group: int, chunk_of, shapes):
+  """BlockSpecs over a grid (B, H, i) whose last axis walks chunks: operand blocks of one head.
+
+  Args:
+    group: as in `head_specs`.
+    chunk_of: grid index i -> the chunk the program reads (identity for a forward walk,
+      n - 1 - i for a reverse one).
+    shapes: (kind, tail, per_chunk) per operand. kind "q" / "kv" as in `head_specs`; per_chunk
+      True: a [B, H, n * rows, X] operand read one (rows, X) = tail block per chunk (offset
+      chunk_of(i) - shift for kind "kv_prev": the chunk before); False: a per-head operand
+      [B, H, *tail] read whole (the same block for every i: fetched once).
+  """
+
+  def spec(kind, tail, per_chunk):
+    grp = 1 if kind == "q" else group
+    if not per_chunk:
+      zeros = (0,) * len(tail)
+      return pl.BlockSpec(
+        (pl.squeezed, pl.squeezed) + tuple(tail),
+        lambda b, h, i: (b, kv_head(h, grp)) + zeros,
+      )
+    if kind == "kv_prev":
+      idx = lambda b, h, i: (b, kv_head(h, group), jnp.maximum(chunk_of(i) - 1, 0), 0)
+    else:
+      idx = lambda b, h, i: (b, kv_head(h, grp), chunk_of(i), 0)
+    return pl.BlockSpec((pl.squeezed, pl.squeezed) + tuple(tail), idx)
+
+  return [spec(*s) for s in shapes]
+
+
+def head_outputs(batch: int, heads: int, tails, dtype=F32):
+  """(out_shape, out_specs) of outputs [batch, heads, *tail], one block per program of a grid
+  (B, H). dtype: one dtype, or one per tail."""
+  dtypes = dtype if isinstance(dtype, (list, tuple)) else [dtype] * len(tails)
+  out_shape = [
+    jax.ShapeDtypeStruct((batch, heads) + tuple(tail), dt)
+    for tail, dt in zip(tails, dtypes, strict=True)
+  ]
   return out_shape, head_specs(1, [("q", tail) for tail in tails])
+
+
+def lanes(x):
+  """[R, 1] statistic -> [R, 128]: stored lane-wide, as JAX's TPU flash attention stores l and m
+  (a [R, 1] block pads to 128 lanes in VMEM anyway; this keeps stores unmasked)."""
+  return jnp.broadcast_to(x, (x.shape[0], LANES))

@@ -35,7 +35,12 @@ class LoLAConfig:
       without a prior.
     softmax_scale: logit scale; None means 1/sqrt(key_dim).
     eps: added to the linear denominators phi^T s of the self-recall error.
-    implementation: None (automatic), "xla", "pallas" or "reference" for the prefill path.
+    implementation: the prefill path's chunk step: None (automatic: the TPU kernel on TPU, XLA
+      elsewhere), "xla", "pallas" (the local backend's kernels: TPU -> "pallas_tpu", GPU ->
+      "pallas_triton", CPU -> "pallas_tpu" in interpret mode), "pallas_tpu" / "pallas_triton"
+      (a forced kernel family: compiled on its device, interpreted on CPU, and lowerable for its
+      platform from any machine, e.g. `jax.export(..., platforms=["tpu"])`) or "reference"
+      (`pallas_kernels.common.resolve_implementation`).
     energy_tau: share of the candidates' squared self-recall error the "energy" policies keep,
       in (0, 1].
     min_cache: the "energy" policy keeps at least this many pairs (<= cache_size).

@@ -1,6 +1,7 @@
 """`hybrid_attention`: validates its inputs, picks the implementation and runs it under jit.
 
-The forms: `pallas.hybrid_attention_pallas` (the fused kernel, forward and backward) and
+The forms: `pallas.hybrid_attention_pallas` (the TPU kernels, "pallas_tpu"),
+`triton.hybrid_attention_triton` (the chunk-parallel GPU kernels, "pallas_triton") and
 `xla.hybrid_attention_xla` (chunk-parallel XLA, also the "reference" implementation).
 """
 
@@ -14,6 +15,7 @@ import jax.numpy as jnp
 from pallas_kernels import common
 from pallas_kernels.equations import MIXES, gate_terms
 from pallas_kernels.hybrid.pallas import hybrid_attention_pallas
+from pallas_kernels.hybrid.triton import hybrid_attention_triton
 from pallas_kernels.hybrid.xla import hybrid_attention_xla
 
 
@@ -46,10 +48,18 @@ def validate_hybrid_inputs(
 
 @functools.partial(
   jax.jit,
-  static_argnames=("chunk_size", "mix", "softmax_scale", "impl", "block_sizes", "interpret"),
+  static_argnames=(
+    "chunk_size",
+    "mix",
+    "softmax_scale",
+    "impl",
+    "block_sizes",
+    "precision",
+    "interpret",
+  ),
 )
 def _dispatch(q, k, v, phi_q, phi_k, gates, chunk_size, mix, softmax_scale, impl, block_sizes,
-              interpret):  # fmt: skip
+              precision, interpret):  # fmt: skip
   # Every pair reaches every later query (window or linear state), so a non-finite value
   # component at position j makes exactly that component of the outputs at t >= j non-finite.
   # The forms compute with such values zeroed (in a masked product a future key's weight 0 times
@@ -57,10 +67,11 @@ def _dispatch(q, k, v, phi_q, phi_k, gates, chunk_size, mix, softmax_scale, impl
   bad = ~jnp.isfinite(v)  # [B, T, Hkv, dv]
   seen_bad = jnp.repeat(jnp.cumsum(bad, axis=1, dtype=jnp.int32) > 0, q.shape[2] // v.shape[2], 2)
   v = jnp.where(bad, jnp.zeros((), v.dtype), v)
-  if impl == "pallas":
-    y = hybrid_attention_pallas(
+  if common.is_pallas(impl):
+    run = hybrid_attention_pallas if impl == "pallas_tpu" else hybrid_attention_triton
+    y = run(
       q, k, v, phi_q, phi_k, gates, chunk_size=chunk_size, mix=mix, softmax_scale=softmax_scale,
-      block_sizes=block_sizes, interpret=interpret,
+      block_sizes=block_sizes, precision=precision, interpret=interpret,
     )  # fmt: skip
   else:
     y = hybrid_attention_xla(
@@ -83,6 +94,7 @@ def hybrid_attention(
   softmax_scale: float | None = None,
   implementation: str | None = None,
   block_sizes: common.BlockSizes | None = None,
+  precision=common.DEFAULT,
   interpret=None,
   gate_logit=None,  # [Hq] the gate's logits x (g = sigmoid(x)), instead of gate
 ):
@@ -90,10 +102,14 @@ def hybrid_attention(
 
   Equals `lola_jax.lola_prefill(..., config=LoLAConfig(cache_size=0, chunk_size, mix))` from a
   fresh state (equations in the module docstrings of `hybrid.pallas` and `hybrid.xla`).
-  Differentiable in q, k, v, phi_q, phi_k and gate. implementation: None = "pallas" on TPU,
-  "xla" on GPU/CPU; "reference" is the XLA form as well (the float64 reference is
-  `lola_jax.lola_reference`). The gate is `gate` (g) or `gate_logit` (x): from the logit the
-  gradient is finite however saturated the gate (`pallas_kernels.equations`).
+  Differentiable in q, k, v, phi_q, phi_k and gate. implementation: None = "pallas_tpu" on TPU,
+  "xla" on GPU/CPU; "pallas" the local backend's kernels; "pallas_tpu" / "pallas_triton" force a
+  family (compiled on its device, interpreted on CPU, exportable from anywhere:
+  `common.resolve_implementation`); "reference" is the XLA form as well (the float64 reference is
+  `lola_jax.lola_reference`). Any chunk_size works on every backend: the kernels pad each chunk
+  to their tile and mask the padding. The gate is `gate` (g) or `gate_logit` (x): from the logit
+  the gradient is finite however saturated the gate (`pallas_kernels.equations`). precision: of
+  the kernels' products (operands in q's dtype, float32 accumulation).
   """
   if (gate is None) == (gate_logit is None):
     raise ValueError("hybrid_attention: give exactly one of gate and gate_logit")
@@ -101,18 +117,19 @@ def hybrid_attention(
   given = gate if gate_logit is None else gate_logit
   validate_hybrid_inputs(q, k, v, phi_q, phi_k, given, chunk_size, mix, softmax_scale, name)
   impl = common.resolve_implementation(implementation)
-  native = not (common.interpret_mode() if interpret is None else interpret)
-  bs = block_sizes or common.BlockSizes.get_default()
-  if impl == "pallas" and native and bs.pow2 and chunk_size & (chunk_size - 1):
-    # The chunk is the window, so it cannot be padded; Triton tensors must be powers of two.
-    if implementation is None:
-      impl = "xla"
-    else:
-      raise ValueError(
-        f"chunk_size must be a power of two for the compiled Pallas kernel on "
-        f"{jax.default_backend()} (Triton), got {chunk_size}; use implementation='xla'"
-      )
   gates = gate_terms(gate, gate_logit)
   return _dispatch(
-    q, k, v, phi_q, phi_k, gates, chunk_size, mix, softmax_scale, impl, block_sizes, interpret
+    q,
+    k,
+    v,
+    phi_q,
+    phi_k,
+    gates,
+    chunk_size,
+    mix,
+    softmax_scale,
+    impl,
+    block_sizes,
+    precision,
+    interpret,
   )

@@ -1,8 +1,10 @@
 """`linear_attention`: validates its inputs, picks the implementation and runs it under jit.
 
-The forms: `pallas.linear_attention_pallas` (the kernel), `xla.linear_attention_chunked` (the
-chunked `lax.scan`, the XLA path) and `xla.linear_attention_scan` (one step per token, the
-"reference" implementation). Equations in the module docstring of `pallas`.
+The forms: `pallas.linear_attention_pallas` (the TPU kernel, "pallas_tpu"),
+`triton.linear_attention_triton` (the chunk-parallel GPU kernels, "pallas_triton"),
+`xla.linear_attention_chunked` (the chunked `lax.scan`, the XLA path) and
+`xla.linear_attention_scan` (one step per token, the "reference" implementation). Equations in the
+module docstring of `pallas`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import common
 from pallas_kernels.linear.pallas import linear_attention_pallas
+from pallas_kernels.linear.triton import linear_attention_triton
 from pallas_kernels.linear.xla import linear_attention_chunked, linear_attention_scan
 
 
@@ -40,10 +43,11 @@ def validate_linear_inputs(phi_q, phi_k, v, chunk_size, initial_state, eps):
 
 
 @functools.partial(
-  jax.jit, static_argnames=("chunk_size", "eps", "implementation", "block_sizes", "interpret")
+  jax.jit,
+  static_argnames=("chunk_size", "eps", "implementation", "block_sizes", "precision", "interpret"),
 )
 def _dispatch(phi_q, phi_k, v, initial_state, chunk_size, eps, implementation, block_sizes,
-              interpret):  # fmt: skip
+              precision, interpret):  # fmt: skip
   # A non-finite value component at position j reaches exactly that component of the outputs at
   # t >= j and of the final H (as the per-token sum does), never an earlier token: the forms run
   # with such values zeroed (inside a chunk the masked product would make 0 x NaN leak
@@ -52,10 +56,11 @@ def _dispatch(phi_q, phi_k, v, initial_state, chunk_size, eps, implementation, b
   seen_bad = jnp.cumsum(bad, axis=1, dtype=jnp.int32) > 0
   seen_bad = jnp.repeat(seen_bad, phi_q.shape[2] // v.shape[2], axis=2)
   v = jnp.where(bad, jnp.zeros((), v.dtype), v)
-  if implementation == "pallas":
-    y, state = linear_attention_pallas(
+  if implementation in ("pallas_tpu", "pallas_triton"):
+    run = linear_attention_pallas if implementation == "pallas_tpu" else linear_attention_triton
+    y, state = run(
       phi_q, phi_k, v, chunk_size=chunk_size, initial_state=initial_state, eps=eps,
-      block_sizes=block_sizes, interpret=interpret,
+      block_sizes=block_sizes, precision=precision, interpret=interpret,
     )  # fmt: skip
   elif implementation == "xla":
     y, state = linear_attention_chunked(
@@ -78,6 +83,7 @@ def linear_attention(
   eps: float = 1e-6,
   implementation: str | None = None,
   block_sizes: common.BlockSizes | None = None,
+  precision=common.DEFAULT,
   interpret=None,
 ):
   """Causal linear attention: `(y [B,T,Hq,dv] in phi_q.dtype, (H [B,Hkv,D,dv], s [B,Hkv,D]))`.
@@ -87,14 +93,29 @@ def linear_attention(
   `initial_state` continues the sequence. Differentiable in all inputs, `initial_state` included,
   and through the returned state.
 
-  implementation: None picks "pallas" on TPU and "xla" (chunked `lax.scan`) on GPU/CPU; "pallas"
-  on CPU runs the kernel in interpret mode; "reference" is the per-token scan. `interpret`
-  overrides the interpret mode (e.g. `pltpu.InterpretParams()` for the TPU interpreter).
+  implementation: None picks "pallas_tpu" on TPU and "xla" (chunked `lax.scan`) on GPU/CPU;
+  "pallas" is the local backend's kernels (TPU: "pallas_tpu", GPU: "pallas_triton", CPU:
+  "pallas_tpu" interpreted); "pallas_tpu" / "pallas_triton" force a kernel family: compiled on its
+  device, interpreted on CPU, and lowerable for its platform from any machine (`jax.export`);
+  "reference" is the per-token scan (`common.resolve_implementation`). `interpret` overrides the
+  interpret mode (True, False, or e.g. `pltpu.InterpretParams()` for the TPU interpreter).
+  block_sizes: padding (default `BlockSizes.for_target` of the family). precision: of the kernels'
+  products (`lax.Precision`; DEFAULT, HIGHEST for full f32 on a device). The kernels' operands are
+  in phi_q's dtype with float32 accumulation.
   """
   validate_linear_inputs(phi_q, phi_k, v, chunk_size, initial_state, eps)
   impl = common.resolve_implementation(implementation)
   if initial_state is not None:
     initial_state = tuple(initial_state)
   return _dispatch(
-    phi_q, phi_k, v, initial_state, chunk_size, float(eps), impl, block_sizes, interpret
+    phi_q,
+    phi_k,
+    v,
+    initial_state,
+    chunk_size,
+    float(eps),
+    impl,
+    block_sizes,
+    precision,
+    interpret,
   )

@@ -8,13 +8,14 @@ import pytest
 from kernel_helpers import (
   BF16_RTOL,
   IMPLS,
+  PRECISION,
   TPU_INTERPRET,
   assert_rel_rms,
   features,
   normal,
 )
 
-from pallas_kernels import BlockSizes, linear_attention
+from pallas_kernels import BlockSizes, linear_attention, resolve_implementation
 
 
 def numpy_linear(phi_q, phi_k, v, h0=None, s0=None, eps=1e-6):
@@ -53,7 +54,9 @@ CASES = [(8, 4, 2, 2, False), (11, 4, 4, 2, True), (3, 8, 2, 1, True), (1, 4, 2,
 @pytest.mark.parametrize("impl,interpret", IMPLS)
 class TestLinearAttention:
   def run(self, impl, interpret, *args, **kw):
-    return linear_attention(*args, implementation=impl, interpret=interpret, **kw)
+    return linear_attention(
+      *args, implementation=impl, interpret=interpret, precision=PRECISION, **kw
+    )
 
   @pytest.mark.parametrize("t,c,hq,hkv,with_state", CASES)
   def test_forward_matches_numpy(self, impl, interpret, t, c, hq, hkv, with_state):
@@ -110,7 +113,7 @@ def test_padded_block_sizes_are_exact():
   phi_q, phi_k, v, state = make_inputs(4, 1, 7, 2, 1, 5, 3, True)
   bs = BlockSizes(feature_multiple=128, value_multiple=128, chunk_multiple=8)
   y, st = linear_attention(
-    phi_q, phi_k, v, chunk_size=3, initial_state=state, implementation="pallas",
+    phi_q, phi_k, v, chunk_size=3, initial_state=state, implementation="pallas_tpu",
     block_sizes=bs, interpret=True,
   )  # fmt: skip
   y_ref, h_ref, s_ref = numpy_linear(phi_q, phi_k, v, *state)
@@ -144,6 +147,38 @@ def test_block_sizes_validated():
   with pytest.raises(ValueError, match="feature_multiple"):
     BlockSizes(feature_multiple=0)
   assert BlockSizes.get_default("tpu").feature_multiple == 128
+  assert BlockSizes.for_target("pallas_triton").pow2
+
+
+def test_triton_smoke():
+  """The chunk-parallel Triton family interpreted on CPU (its full class run is slow): forward
+  vs float64 and gradients vs XLA on one GQA case with T % C != 0 and an initial state."""
+  phi_q, phi_k, v, state = make_inputs(6, 1, 21, 4, 2, 5, 3, True)
+  run = lambda impl: (
+    lambda *xs: linear_attention(
+      xs[0], xs[1], xs[2], chunk_size=8, initial_state=(xs[3], xs[4]), implementation=impl
+    )
+  )
+  args = (phi_q, phi_k, v, *state)
+  y, (h, s) = run("pallas_triton")(*args)
+  y_ref, h_ref, s_ref = numpy_linear(phi_q, phi_k, v, *state)
+  assert_rel_rms(y, y_ref, 1e-5, "y")
+  assert_rel_rms(h, h_ref, 1e-5, "H")
+  assert_rel_rms(s, s_ref, 1e-5, "s")
+  loss = lambda f: lambda *xs: jnp.sum(jnp.sin(f(*xs)[0])) + jnp.sum(f(*xs)[1][0] ** 2)
+  g = jax.grad(loss(run("pallas_triton")), argnums=range(5))(*args)
+  r = jax.grad(loss(run("xla")), argnums=range(5))(*args)
+  for gi, ri in zip(g, r, strict=True):
+    assert_rel_rms(gi, ri, 1e-5, "grad")
+
+
+def test_pallas_means_the_local_family():
+  """ "pallas" resolves to the local backend's family; forced families are kept as given."""
+  local = {"tpu": "pallas_tpu", "gpu": "pallas_triton"}.get(jax.default_backend(), "pallas_tpu")
+  assert resolve_implementation("pallas") == local
+  assert resolve_implementation("pallas_triton") == "pallas_triton"
+  on_tpu = jax.default_backend() == "tpu"
+  assert resolve_implementation(None) == ("pallas_tpu" if on_tpu else "xla")
 
 
 @pytest.mark.skipif(TPU_INTERPRET is None, reason="installed JAX has no pltpu.InterpretParams")
@@ -155,12 +190,12 @@ def test_tpu_interpret_smoke():
     interpret=interp,
   )  # fmt: skip
   args = (phi_q, phi_k, v, *state)
-  y, (h, s) = run("pallas", TPU_INTERPRET)(*args)
+  y, (h, s) = run("pallas_tpu", TPU_INTERPRET)(*args)
   y_ref, h_ref, _ = numpy_linear(phi_q, phi_k, v, *state)
   assert_rel_rms(y, y_ref, 1e-5, "y")
   assert_rel_rms(h, h_ref, 1e-5, "H")
   loss = lambda f: lambda *xs: jnp.sum(jnp.sin(f(*xs)[0])) + jnp.sum(f(*xs)[1][0])
-  g = jax.grad(loss(run("pallas", TPU_INTERPRET)), argnums=range(5))(*args)
+  g = jax.grad(loss(run("pallas_tpu", TPU_INTERPRET)), argnums=range(5))(*args)
   r = jax.grad(loss(run("xla", None)), argnums=range(5))(*args)
   for gi, ri in zip(g, r, strict=True):
     assert_rel_rms(gi, ri, 1e-5, "grad")
