@@ -27,7 +27,10 @@ TARGETS = {"pallas_tpu": ("tpu",), "pallas_triton": ("cuda", "rocm")}
 
 F32 = jnp.float32
 HIGHEST = jax.lax.Precision.HIGHEST
-DEFAULT = jax.lax.Precision.DEFAULT
+# The kernels' default product precision: None, i.e. JAX's default (one bf16 MXU pass for f32 on
+# TPU, TF32 on GPU) unless `jax_default_matmul_precision` says otherwise ("highest" in the
+# compiled tests of experiments/benchmarks/gpu_session.sh).
+DEFAULT = None
 # The kernels' "minus infinity" for masked logits: finite, so e^{l - m} never sees inf - inf.
 NEG = -1e30
 # TPU: lanes of a vreg (statistics are stored this wide: a [T, 1] array pads 128x in VMEM) and
@@ -311,8 +314,9 @@ def dot(a, b, ta=False, tb=False, *, precision=HIGHEST, dtype=None):
   Kernel bodies use it for every 2-D product. dtype: the operand dtype both sides are cast to
   (the kernel's input dtype: bf16 operands feed the MXU / tensor cores natively, f32 intermediates
   such as softmax weights or the f32 state are rounded to it); None keeps them as they are.
-  precision: `lax.Precision` of the product (DEFAULT: one MXU pass for f32 on TPU, TF32 on GPU;
-  HIGHEST: full f32). On CPU (interpret mode) f32 products are exact either way.
+  precision: `lax.Precision` of the product (None / DEFAULT: one MXU pass for f32 on TPU, TF32
+  on GPU, unless `jax_default_matmul_precision` is set; HIGHEST: full f32). On CPU (interpret
+  mode) f32 products are exact either way.
   """
   if dtype is not None:
     a, b = a.astype(dtype), b.astype(dtype)

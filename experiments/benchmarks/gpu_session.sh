@@ -6,17 +6,23 @@
 #
 # (PRESET=tiny runs the recall stage as a smoke test on any machine.)
 #
-# Stages (default: all, in this order):
+# Stages (default: env kernels bench, about 8 minutes on an H200; recall on request):
 #   env      versions of jax/flax/optax/orbax/chex, the device, nvidia-smi
 #   recall   the recall pipeline's `gpu` preset (teacher, distill, export of the parameters), in the
 #            background while the kernel tests run (correctness only, so sharing the GPU is fine);
 #            RECALL_VARIANTS trains several variants side by side (see below).
 #            Parameters, logs and metrics come back in recall.tar.gz.
-#   kernels  the Pallas kernel tests compiled for real (tests/kernels_helpers.py adds
-#            `pallas_gpu` next to xla and the interpreters), f32 matmuls at full precision
-#   bench    experiments/benchmarks/bench_kernels.py (linear and lola suites) after `recall` ends
-# Files written (the device tool returns at most 8): summary.txt, recall.tar.gz, kernel_tests.log,
-# bench.log, bench_kernels_gpu.json.
+#   kernels  the kernel tests with the Pallas kernels compiled for real: the Triton family
+#            (`pallas_gpu` in tests/kernels/kernel_helpers.py, the `triton` smoke tests, and
+#            "pallas" = pallas_triton on a GPU in the fused-step tests), the XLA forms, and the
+#            export tests (lowering for TPU and CUDA); f32 products at full precision
+#            (JAX_DEFAULT_MATMUL_PRECISION=highest: the kernels' default precision is JAX's)
+#   bench    experiments/benchmarks/bench_kernels.py, bf16, T = 4K, 16K, 64K, head dim 64 and 128:
+#            linear attention, the hybrid and the fused LoLA prefill, Pallas (Triton) vs XLA, with
+#            compile times and the bf16 matmul peak measured in the same process; one process
+#            (and timeout) per suite, so a slow suite does not lose the others' results
+# Files written (the device tool returns at most 8): summary.txt, kernel_tests.log, bench.log,
+# bench_kernels_gpu.json (every suite's rows and its markdown table), recall.tar.gz.
 set -u
 OUT=${OUT:-/tmp/gpu_session}
 mkdir -p "$OUT"
@@ -27,7 +33,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
-STAGES=${*:-env recall kernels bench}
+STAGES=${*:-env kernels bench}
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 say() { echo "== $(date +%T) $*" | tee -a "$OUT/summary.txt"; }
 START=$(date +%s)
@@ -66,9 +72,11 @@ fi
 
 if has kernels; then
   say kernels
-  JAX_DEFAULT_MATMUL_PRECISION=highest timeout 200 python3 -m pytest -q -p no:cacheprovider \
-    tests/test_kernels_linear.py tests/test_kernels_hybrid.py tests/test_kernels_lola_chunk.py \
-    -k "pallas_gpu or xla" -o addopts="" -m "not slow" >"$OUT/kernel_tests.log" 2>&1
+  JAX_DEFAULT_MATMUL_PRECISION=highest timeout "${KERNEL_TIMEOUT:-200}" python3 -m pytest -q \
+    -p no:cacheprovider -o addopts="" -m "not slow" \
+    tests/kernels/test_kernels_linear.py tests/kernels/test_kernels_hybrid.py \
+    tests/kernels/test_kernels_lola_chunk.py tests/kernels/test_kernels_export.py \
+    -k "pallas_gpu or xla or triton or export or lola_chunk" >"$OUT/kernel_tests.log" 2>&1
   say "kernel tests exit $?: $(tail -1 "$OUT/kernel_tests.log")"
 fi
 
@@ -87,16 +95,24 @@ fi
 
 if has bench; then
   say bench
-  # shellcheck disable=SC2086
-  timeout "${BENCH_TIMEOUT:-120}" python3 -m experiments.benchmarks.bench_kernels \
-    ${BENCH_LINEAR_ARGS:---seq_lens=1024,4096,16384 --head_dims=64,128 --iters=5} \
-    --out=/tmp/bench_linear.json >"$OUT/bench.log" 2>&1
-  # shellcheck disable=SC2086
-  timeout "${BENCH_TIMEOUT:-120}" python3 -m experiments.benchmarks.bench_kernels --suite=lola \
-    ${BENCH_LOLA_ARGS:---seq_lens=4096,16384 --head_dims=64 --iters=5} \
-    --out=/tmp/bench_lola.json >>"$OUT/bench.log" 2>&1
-  say "bench exit $?"
-  python3 -c 'import json, os, sys; json.dump({k: json.load(open(f"/tmp/bench_{k}.json")) for k in ("linear", "lola") if os.path.exists(f"/tmp/bench_{k}.json")}, open(sys.argv[1], "w"), indent=1)' "$OUT/bench_kernels_gpu.json"
+  for suite in linear hybrid lola; do
+    # shellcheck disable=SC2086
+    timeout "${BENCH_TIMEOUT:-130}" python3 -m experiments.benchmarks.bench_kernels \
+      --suites=$suite ${BENCH_ARGS:---seq_lens=4096,16384,65536 --head_dims=64,128 --iters=3} \
+      --dtype=bfloat16 --out=/tmp/bench_$suite.json >>"$OUT/bench.log" 2>&1
+    say "bench $suite exit $?"
+  done
+  python3 - "$OUT/bench_kernels_gpu.json" <<'EOF' | tee -a "$OUT/summary.txt"
+import json, os, sys
+runs = {s: json.load(open(f"/tmp/bench_{s}.json")) for s in ("linear", "hybrid", "lola")
+        if os.path.exists(f"/tmp/bench_{s}.json")}
+json.dump(runs, open(sys.argv[1], "w"), indent=1)
+for s, r in runs.items():
+  print(f"## {s} (bf16 matmul peak {r['meta']['bf16_matmul_peak_tflops']:.3g} TFLOP/s)")
+  print(r["markdown"])
+  for key, ratio in r["pallas_over_xla"].items():
+    print(f"pallas/xla time {key}: {ratio:.2f}")
+EOF
 fi
 
 say "done after $(($(date +%s) - START))s"
