@@ -9,7 +9,8 @@ after it says, per layer and kv head, which token positions the sparse cache hol
 reports, per layer, the share of the key's digit tokens that are held in the sparse cache of at
 least one kv head of that layer (`held`), and the share that the window still holds (the needle
 at depth 1.0 can sit there). Averaged over prompts, per (context, policy); written to
-`probe.json` and drawn in `probe.png` (layer on x, share held on y).
+`probe.json` and drawn in `probe.png` (layer on x, share kept exactly: cache or window, on y).
+`--replot=a.json,b.json` redraws `probe.png` from earlier runs' files (e.g. two cache sizes).
 
 A key whose digits no layer caches can only come back through the linear state, which is what
 the cache-0 hybrid has; comparing `held` at 2K and 4K says whether a recall drop at 4K is a
@@ -42,6 +43,7 @@ flags.DEFINE_integer("chunk", 64, "Chunk size C (window of C+1..2C tokens).")
 flags.DEFINE_integer("prompts", 10, "Prompts per context, over as many evenly spaced depths.")
 flags.DEFINE_integer("segment", 512, "Prefill segment length (a multiple of the chunk).")
 flags.DEFINE_integer("seed", 0, "Prompt seed (the recall benchmark's default: 0).")
+flags.DEFINE_list("replot", None, "Only redraw probe.png in --workdir from these probe.json files.")
 FLAGS = flags.FLAGS
 
 
@@ -71,20 +73,24 @@ def held_shares(states, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def plot(results: list[dict], path: str) -> str:
+  """Per layer, the share of the key's digits held exactly (sparse cache or window), per run."""
   fig = Figure(figsize=(8, 4.2))
   ax = fig.subplots()
   for r in results:
+    kept = np.asarray(r["held"]) + np.asarray(r["window"])  # disjoint: cache or window
     ax.plot(
-      np.arange(len(r["held"])),
-      r["held"],
+      np.arange(len(kept)),
+      kept,
       marker="o",
       markersize=3,
-      label=f"{r['policy']} @ {r['context']} tok",
+      label=f"{r['policy']} cache {r['cache']} @ {r['context']} tok",
     )
   ax.set_xlabel("layer")
-  ax.set_ylabel("share of the key's digit tokens cached")
+  ax.set_ylabel("key's digit tokens kept exactly (cache or window)")
   ax.set_ylim(-0.02, 1.02)
-  ax.set_title(f"SmolLM2-135M, LoLA C{FLAGS.chunk} cache {FLAGS.cache}: pass key in the cache")
+  runs = sorted({(r["chunk"], r["cache"]) for r in results})
+  what = ", ".join(f"C{c} cache {n}" for c, n in runs)
+  ax.set_title(f"SmolLM2-135M, LoLA {what}: is the pass key kept exactly?")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
   fig.tight_layout()
@@ -101,6 +107,10 @@ def main(argv):
       f"--policies: unknown {sorted(unknown)}; expected of {methods_lib.POLICIES}"
     )
   os.makedirs(FLAGS.workdir, exist_ok=True)
+  if FLAGS.replot:
+    results = [r for path in FLAGS.replot for r in json.load(open(path))]
+    print(f"wrote {plot(results, os.path.join(FLAGS.workdir, 'probe.png'))}")
+    return
   base, params, tokenizer = pretrained.smollm2("softmax")
   depths = np.linspace(0.0, 1.0, FLAGS.prompts) if FLAGS.prompts > 1 else np.asarray([0.5])
   results = []
