@@ -33,7 +33,7 @@ from lola_jax.core.config import LoLAConfig
 from lola_jax.core.selection import SRE_POLICIES, Candidates, update_sparse_cache
 from lola_jax.core.state import LoLAState, init_state
 from pallas_kernels.common import resolve_implementation
-from pallas_kernels.equations import gate_terms
+from pallas_kernels.equations import gate_terms, mix_branches, mix_weights
 from pallas_kernels.lola_chunk import attend, lola_chunk_step
 from pallas_kernels.lola_chunk.xla import chunk_mask
 
@@ -316,9 +316,11 @@ def _lay_out(x, buffered, *, first_slot, padded_len: int, fresh: bool):
   for queries, which are not buffered) in front.
   """
   b = x.shape[0]
-  out = jnp.zeros((b, padded_len) + x.shape[2:], x.dtype)
+  if fresh and x.shape[1] == padded_len:  # T a multiple of C: the tokens are the grid already
+    return x
   if fresh:
-    return out.at[:, : x.shape[1]].set(x)
+    return jnp.pad(x, [(0, 0), (0, padded_len - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
+  out = jnp.zeros((b, padded_len) + x.shape[2:], x.dtype)
   if buffered is not None:
     c = buffered.shape[2]
     out = out.at[:, :c].set(_heads_first(buffered).astype(x.dtype))
@@ -339,6 +341,351 @@ def _current_chunk(x, last_block, keep):
   x = x.reshape((b, x.shape[1] // c, c) + x.shape[2:])
   x = jnp.take_along_axis(x, last_block[:, None, None, None, None], axis=1)[:, 0]
   return _heads_first(jnp.where(keep[:, :, None, None], x, jnp.zeros((), x.dtype)))
+
+
+def _parallel_path(config: LoLAConfig, acc_dtype) -> bool:
+  """Whether `lola_prefill` takes the chunk-parallel XLA form (`_prefill_parallel`).
+
+  Every configuration does but the fused Pallas step (`_uses_pallas`) and the "attention"
+  policy, whose per-pair softmax mass needs each chunk's whole softmax inside the scan: those
+  keep the one-chunk-at-a-time `_chunk_step`. Both give the same numbers (tests/core).
+  """
+  return config.policy != "attention" and not _uses_pallas(config, acc_dtype)
+
+
+def _to_chunks(x, chunk_size: int):
+  """[B, P, H, d] -> [N, B, H, C, d] (chunk axis first, heads before slots)."""
+  b, p, h, d = x.shape
+  return x.reshape(b, p // chunk_size, chunk_size, h, d).transpose(1, 0, 3, 2, 4)
+
+
+def _query_rows(x, num_kv_heads: int, chunk_size: int):
+  """[B, P, Hq, d] -> [N, B, Hkv, G*C, d]: the G query heads of a kv head stacked on the row
+  axis (row r is query head r // C of the group at slot r % C), one matmul per kv head."""
+  b, p, hq, d = x.shape
+  n, g = p // chunk_size, hq // num_kv_heads
+  x = x.reshape(b, n, chunk_size, num_kv_heads, g, d).transpose(1, 0, 3, 4, 2, 5)
+  return x.reshape(n, b, num_kv_heads, g * chunk_size, d)
+
+
+def _rows_to_tokens(y, num_heads: int, chunk_size: int):
+  """[N, B, Hkv, G*C, dv] -> [B, P, Hq, dv] (inverse of `_query_rows`)."""
+  n, b, hkv, r, d = y.shape
+  g = r // chunk_size
+  y = y.reshape(n, b, hkv, g, chunk_size, d).transpose(1, 0, 4, 2, 3, 5)
+  return y.reshape(b, n * chunk_size, num_heads, d)
+
+
+def _local_softmax(q, prev_k, prev_v, k, v, has_prev, real, *, scale: float, acc):
+  """Softmax statistics of every chunk's queries over its window (the previous chunk) and its
+  own causal part, all chunks, kv heads and query rows at once: nothing here depends on the
+  sparse cache or the linear state, so it is outside the scan, as batched matmuls
+  [N*B*Hkv] x ([G*C, dk] x [dk, C]).
+
+  Args:
+    q: [N, B, Hkv, R, dk] query rows (R = G*C, row r at slot r % C); the leading N may be
+      absent (one chunk, inside the scan: `_scan_step`).
+    prev_k: [N, B, Hkv, C, dk], prev_v: [N, B, Hkv, C, dv] the window of each chunk.
+    k: [N, B, Hkv, C, dk], v: [N, B, Hkv, C, dv] the chunk itself (v with non-finite values of
+      the chunk zeroed: see `_prefill_parallel`).
+    has_prev: [N, B] bool, whether the window holds a chunk.  real: [N, B, C] bool.
+
+  Returns:
+    m [N, B, Hkv, R, 1] the max visible logit (-inf where none is visible), and, relative to
+    m (0 where it is -inf), S = sum e^{l-m} [.., R, 1] and N = sum e^{l-m} v [.., R, dv] in acc.
+  """
+  c, r = k.shape[-2], q.shape[-2]
+  lw = jnp.einsum("...rd,...kd->...rk", q, prev_k, preferred_element_type=acc) * scale
+  lc = jnp.einsum("...rd,...kd->...rk", q, k, preferred_element_type=acc) * scale
+  slot = jnp.arange(r) % c
+  vis_w = has_prev[..., None, None, None]
+  vis_c = (jnp.arange(c)[None, :] <= slot[:, None]) & real[..., None, None, :]
+  lw = jnp.where(vis_w, lw, -jnp.inf)
+  lc = jnp.where(vis_c, lc, -jnp.inf)
+  m = jnp.maximum(jnp.max(lw, axis=-1, keepdims=True), jnp.max(lc, axis=-1, keepdims=True))
+  shift = jnp.where(jnp.isfinite(m), m, 0.0)
+  pw = jnp.where(vis_w, jnp.exp(lw - shift), 0.0)
+  pc = jnp.where(vis_c, jnp.exp(lc - shift), 0.0)
+  s = jnp.sum(pw, axis=-1, keepdims=True) + jnp.sum(pc, axis=-1, keepdims=True)
+  n = jnp.einsum("...rk,...kd->...rd", pw.astype(prev_v.dtype), prev_v, preferred_element_type=acc)
+  n = n + jnp.einsum("...rk,...kd->...rd", pc.astype(v.dtype), v, preferred_element_type=acc)
+  return m, s, n
+
+
+def _mix_rows(config, gate_rows, shift, s, n, phi_q, linear_h, linear_s):
+  """LoLA outputs of query rows from the softmax statistics (relative to `shift`, the max
+  visible logit or 0) and the linear state; every array shaped [..., Hkv, R, .] alike
+  (`pallas_kernels.equations`: y = (w_s N + w_l a) / (w_s S + w_l z)).
+
+  gate_rows: (g, log g, log(1-g)), each [Hkv, R].  linear_h [..., Hkv, D, dv], linear_s [.., D].
+  """
+  phi_q = phi_q.astype(linear_h.dtype)
+  a = jnp.einsum("...rf,...fe->...re", phi_q, linear_h)
+  z = jnp.einsum("...rf,...f->...r", phi_q, linear_s)[..., None]
+  return _mix(config, gate_rows, shift, s, n, a, z)
+
+
+def _mix(config, gate_rows, shift, s, n, a, z):
+  """`_mix_rows` from the linear read-out (a = phi_q H [..., R, dv], z = phi_q s [..., R, 1])."""
+  g, lg, lg1 = (jnp.asarray(x, z.dtype)[..., None] for x in gate_rows)
+  w_s, w_l = mix_weights(shift, z, g, config.mix, log_gate=lg, log_1m_gate=lg1)
+  y, _ = mix_branches(w_s, w_l, s, n, a, z)
+  return y
+
+
+def _with_cache(config, q, local, cache: Candidates):
+  """Adds the sparse cache to a chunk's local softmax statistics: the only softmax work that
+  depends on the scan's carry. q [B, Hkv, R, dk]; local (m, S, N) as `_local_softmax` returns
+  them for one chunk. Returns (shift, S, N) over [cache; window; chunk], shift the max visible
+  logit (0 where none)."""
+  m_w, s_w, n_w = local
+  acc = s_w.dtype
+  logits = jnp.einsum("bhrd,bhkd->bhrk", q, cache.k, preferred_element_type=acc)
+  logits = logits * config.scale(q.shape[-1])
+  vis = cache.valid[:, :, None, :]
+  logits = jnp.where(vis, logits, -jnp.inf)
+  m = jnp.maximum(m_w, jnp.max(logits, axis=-1, keepdims=True))
+  shift = jnp.where(jnp.isfinite(m), m, 0.0)
+  p = jnp.where(vis, jnp.exp(logits - shift), 0.0)
+  rescale = jnp.where(jnp.isfinite(m_w), jnp.exp(m_w - shift), 0.0)
+  s = s_w * rescale + jnp.sum(p, axis=-1, keepdims=True)
+  pv = jnp.einsum("bhrk,bhkd->bhrd", p.astype(cache.v.dtype), cache.v, preferred_element_type=acc)
+  return shift, s, n_w * rescale + pv
+
+
+def _cache_step(config, gate_rows, prior_positions, carry, x):
+  """One chunk of the parallel path's scan: what depends on the sparse cache and the linear
+  state (the cache's logits and values, the linear read-out, the end-of-chunk update).
+
+  carry: (cache Candidates [B, Hkv, L], linear_h, linear_s).  x: the chunk's query rows q,
+  phi_q [B, Hkv, R, .], its local statistics, its window (k, v, phi_k [B, Hkv, C, .]), the
+  window's first position [B], has_prev [B] and complete [B] (the chunk's last slot is real).
+  """
+  cache, linear_h, linear_s = carry
+  q, phi_q, local, prev_k, prev_v, prev_phi, prev_start, has_prev, complete = x
+  shift, s, n = _with_cache(config, q, local, cache)
+  y = _mix_rows(config, gate_rows, shift, s, n, phi_q, linear_h, linear_s)
+  window = _window_candidates(prev_k, prev_v, prev_phi, has_prev, prev_start)
+  updated = _end_of_chunk(config, cache, window, linear_h, linear_s, None, prior_positions)
+  return _select(complete, updated, carry), y
+
+
+def _scan_step(config, gate_rows, prior_positions, carry, x):
+  """One chunk of the in-scan form of the parallel path (`_prefill_parallel` with
+  `local_in_scan`): the chunk's local softmax terms, the sparse cache, the linear read-out and
+  the end-of-chunk update, all on one chunk's data (which stays in the CPU's caches).
+
+  carry: (cache, linear_h, linear_s, window (k, v, phi_k) [B, Hkv, C, .], has_window [B]).
+  x: the chunk's query rows q, phi_q [B, Hkv, R, .], its k, v, phi_k [B, Hkv, C, .] (heads
+  first), real [B, C] and its index [B].
+  """
+  cache, linear_h, linear_s, win_k, win_v, win_phi, has_win = carry
+  q, phi_q, k, v, phi_k, real, index = x
+  c = config.chunk_size
+  acc = linear_h.dtype
+  bad = ~jnp.isfinite(v) & real[:, None, :, None]
+  seen_bad = jnp.cumsum(bad, axis=-2, dtype=jnp.int32) > 0  # [B, Hkv, C, dv]
+  v_local = jnp.where(bad, jnp.zeros((), v.dtype), v)
+  scale = config.scale(q.shape[-1])
+  local = _local_softmax(q, win_k, win_v, k, v_local, has_win, real, scale=scale, acc=acc)
+  if config.cache_size:
+    shift, s, n = _with_cache(config, q, local, cache)
+  else:
+    m, s, n = local
+    shift = jnp.where(jnp.isfinite(m), m, 0.0)
+  y = _mix_rows(config, gate_rows, shift, s, n, phi_q, linear_h, linear_s)
+  b, h, r, dv = y.shape
+  y = jnp.where(seen_bad[:, :, None], jnp.nan, y.reshape(b, h, r // c, c, dv)).reshape(y.shape)
+  complete = real[:, -1]
+  window = _window_candidates(win_k, win_v, win_phi, has_win, (index - 1) * c)
+  new_cache, new_h, new_s = _end_of_chunk(
+    config, cache, window, linear_h, linear_s, None, prior_positions
+  )
+  updated = (new_cache, new_h, new_s, k, v, phi_k, jnp.ones_like(has_win))
+  return _select(complete, updated, carry), y
+
+
+def _linear_readout_no_cache(phi_q, prev_phi, prev_v, absorbed, linear_h, linear_s):
+  """Cache size 0: every window pair is absorbed when its next chunk completes, so the state's
+  increments of all chunks are one batched matmul ([D, C] x [C, dv] per chunk and kv head) and
+  the scan only adds them up and reads the state out (a = phi_q H, z = phi_q s).
+
+  phi_q [N, B, Hkv, R, D]; prev_phi [N, B, Hkv, C, D], prev_v [N, B, Hkv, C, dv]; absorbed
+  [N, B] whether chunk n's window is absorbed at its end. Returns (a [N, B, Hkv, R, dv],
+  z [N, B, Hkv, R, 1]) read from the state at the start of each chunk, and the final (H, s).
+  """
+  acc = linear_h.dtype
+  mask = absorbed[:, :, None, None, None]  # by selection: a NaN never absorbed stays out
+  phi = jnp.where(mask, prev_phi.astype(acc), 0.0)
+  v = jnp.where(mask, prev_v.astype(acc), 0.0)
+  dh = jnp.einsum("nbhcd,nbhce->nbhde", phi, v)
+  ds = jnp.sum(phi, axis=-2)
+
+  def step(carry, x):
+    h, s = carry
+    pq, dh_n, ds_n = x
+    pq = pq.astype(acc)
+    a = jnp.einsum("bhrf,bhfe->bhre", pq, h)
+    z = jnp.einsum("bhrf,bhf->bhr", pq, s)[..., None]
+    return (h + dh_n, s + ds_n), (a, z)
+
+  (linear_h, linear_s), (a, z) = jax.lax.scan(step, (linear_h, linear_s), (phi_q, dh, ds))
+  return a, z, linear_h, linear_s
+
+
+def _prefill_parallel(config, gates, prior_positions, state, layout, local_in_scan=None):
+  """The chunk-parallel XLA prefill: local softmax terms of all chunks at once, then a scan that
+  keeps only what depends on the sparse cache (none at cache size 0).
+
+  layout: the laid-out tokens (q, phi_q [B, P, Hq, .]; k, v, phi_k [B, P, Hkv, .]; real [B, P];
+  first_chunk [B]). Returns (y [B, P, Hq, dv], cache Candidates, linear_h, linear_s, window
+  (k, v, phi_k) [B, Hkv, C, .] after the call).
+  """
+  qp, phi_qp, kp, vp, phi_kp, real, first_chunk = layout
+  c, lam = config.chunk_size, config.cache_size
+  hkv, hq = kp.shape[2], qp.shape[2]
+  acc = state.linear_h.dtype
+  if local_in_scan is None:
+    local_in_scan = LOCAL_IN_SCAN.get(jax.default_backend(), False)
+  gate_rows = tuple(jnp.repeat(x.reshape(hkv, hq // hkv), c, axis=-1) for x in gates)
+  if local_in_scan:
+    return _prefill_in_scan(config, gate_rows, prior_positions, state, layout)
+  q, phi_q = _query_rows(qp, hkv, c), _query_rows(phi_qp, hkv, c)
+  k, v, phi_k = _to_chunks(kp, c), _to_chunks(vp, c), _to_chunks(phi_kp, c)
+  num_chunks, b = k.shape[:2]
+  real_c = real.reshape(b, num_chunks, c).transpose(1, 0, 2)  # [N, B, C]
+  complete = real_c[:, :, -1]
+  # Each chunk's window: the previous chunk, or the state's window for the first.
+  prev_k, prev_v, prev_phi = (
+    jnp.concatenate([w[None], x[:-1]]) for w, x in
+    ((state.window_k, k), (state.window_v, v), (state.window_phi_k, phi_k))
+  )  # fmt: skip
+  has_prev = jnp.concatenate([(state.num_tokens >= c)[None], jnp.ones((num_chunks - 1, b), bool)])
+  index = first_chunk[None, :] + jnp.arange(num_chunks, dtype=jnp.int32)[:, None]  # [N, B]
+  # A non-finite value of a chunk reaches only the queries at or after it: attend with such
+  # values zeroed, then mark each output component they feed (older pairs reach every query).
+  bad = ~jnp.isfinite(v) & real_c[:, :, None, :, None]
+  seen_bad = jnp.cumsum(bad, axis=-2, dtype=jnp.int32) > 0  # [N, B, Hkv, C, dv]
+  v_local = jnp.where(bad, jnp.zeros((), v.dtype), v)
+  local = _local_softmax(
+    q, prev_k, prev_v, k, v_local, has_prev, real_c, scale=config.scale(q.shape[-1]), acc=acc
+  )
+  cache = _sparse_cache(state, False)
+  if lam == 0:
+    a, z, linear_h, linear_s = _linear_readout_no_cache(
+      phi_q, prev_phi, prev_v, complete & has_prev, state.linear_h, state.linear_s
+    )
+    m, s, n = local
+    shift = jnp.where(jnp.isfinite(m), m, 0.0)
+    y = _mix(config, gate_rows, shift, s, n, a, z)
+  else:
+    step = functools.partial(_cache_step, config, gate_rows, prior_positions)
+    xs = (q, phi_q, local, prev_k, prev_v, prev_phi, (index - 1) * c, has_prev, complete)
+    (cache, linear_h, linear_s), y = jax.lax.scan(step, (cache, state.linear_h, state.linear_s), xs)
+  g = hq // hkv
+  n_, b_, h_, r_, dv = y.shape
+  y = y.reshape(n_, b_, h_, g, c, dv)
+  y = jnp.where(seen_bad[:, :, :, None], jnp.nan, y).reshape(n_, b_, h_, r_, dv)
+  # The window after the call: each row's last complete chunk (or the state's window).
+  done = jnp.sum(complete, axis=0)  # [B] complete chunks (a prefix of the blocks)
+  last = jnp.clip(done - 1, 0, num_chunks - 1)
+
+  def last_window(x, old):
+    w = x[last, jnp.arange(b)]
+    return jnp.where((done > 0)[:, None, None, None], w, old)
+
+  window = (
+    last_window(k, state.window_k),
+    last_window(v, state.window_v),
+    last_window(phi_k, state.window_phi_k),
+  )
+  return _rows_to_tokens(y, hq, c), cache, linear_h, linear_s, window
+
+
+# Where `_prefill_parallel` computes the chunks' local softmax terms inside the scan, one chunk
+# at a time, rather than for all chunks at once: on CPU the per-chunk intermediates stay in the
+# caches (docs/benchmarks.md, "XLA LoLA path"); accelerators take the batched form.
+LOCAL_IN_SCAN = {"cpu": True}
+
+
+def _prefill_in_scan(config, gate_rows, prior_positions, state, layout):
+  """`_prefill_parallel` with the local terms in the scan (`_scan_step`); same returns."""
+  qp, phi_qp, kp, vp, phi_kp, real, first_chunk = layout
+  c = config.chunk_size
+  hkv, hq = kp.shape[2], qp.shape[2]
+  b, padded_len = kp.shape[:2]
+  num_chunks = padded_len // c
+  g = hq // hkv
+
+  def rows(x):  # [B, P, Hq, d] -> [N, B, C, Hkv, G, d]: a free reshape for B = 1
+    return _blocks(x, c).reshape(num_chunks, b, c, hkv, g, x.shape[-1])
+
+  def heads(x):  # [B, P, Hkv, d] -> [N, B, C, Hkv, d]
+    return _blocks(x, c)
+
+  def step(carry, x):
+    q, phi_q, k, v, phi_k, real_n, index = x
+    to_rows = lambda a: a.transpose(0, 2, 3, 1, 4).reshape(b, hkv, g * c, a.shape[-1])
+    xs = (to_rows(q), to_rows(phi_q), _heads_first(k), _heads_first(v), _heads_first(phi_k))
+    return _scan_step(config, gate_rows, prior_positions, carry, xs + (real_n, index))
+
+  index = first_chunk[None, :] + jnp.arange(num_chunks, dtype=jnp.int32)[:, None]  # [N, B]
+  carry0 = (
+    _sparse_cache(state, False), state.linear_h, state.linear_s,
+    state.window_k, state.window_v, state.window_phi_k, state.num_tokens >= c,
+  )  # fmt: skip
+  xs = (rows(qp), rows(phi_qp), heads(kp), heads(vp), heads(phi_kp), _blocks(real, c), index)
+  carry, y = jax.lax.scan(step, carry0, xs)
+  cache, linear_h, linear_s, win_k, win_v, win_phi, _ = carry
+  return _rows_to_tokens(y, hq, c), cache, linear_h, linear_s, (win_k, win_v, win_phi)
+
+
+def _prefill_chunk_by_chunk(config, gates, prior_positions, state, lay_out, laid, r):
+  """The one-chunk-at-a-time prefill (`_chunk_step` under `lax.scan`): the fused Pallas step and
+  the "attention" policy. laid: (q, phi_q [B, T, Hq, .] as given; k, v, phi_k [B, P, Hkv, .]
+  laid out; real [B, P]); r [B] the tokens buffered in the state. Returns (y [B, P, Hq, dv],
+  cache, linear_h, linear_s, window (k, v, phi_k), window mass, per-block masses)."""
+  q, phi_q, kp, vp, phi_kp, real = laid
+  c, track = config.chunk_size, config.policy == "attention"
+  b, padded_len, hkv = kp.shape[0], kp.shape[1], kp.shape[2]
+  hq = q.shape[2]
+  num_chunks = padded_len // c
+  fresh = lay_out.keywords["fresh"]
+  first_chunk = state.num_tokens // c
+  slot = jnp.arange(padded_len, dtype=jnp.int32)
+  new_query = real & (slot[None, :] >= r[:, None])  # excludes the re-laid buffered tokens
+  # Mass already received by the buffered tokens of the first block (zero elsewhere).
+  mass0 = jnp.zeros((num_chunks,) + state.chunk_mass.shape, state.chunk_mass.dtype)
+  if not fresh:
+    mass0 = mass0.at[0].set(state.chunk_mass)
+  blocks = ChunkBlock(
+    q=_blocks(lay_out(q, None), c),
+    phi_q=_blocks(lay_out(phi_q, None), c),
+    k=_blocks(kp, c),
+    v=_blocks(vp, c),
+    phi_k=_blocks(phi_kp, c),
+    real=_blocks(real, c),
+    new_query=_blocks(new_query, c),
+    mass=mass0,
+    index=first_chunk[None, :] + jnp.arange(num_chunks, dtype=jnp.int32)[:, None],  # [N, B]
+  )
+  carry0 = ChunkCarry(
+    cache=_sparse_cache(state, track),
+    window_k=state.window_k,
+    window_v=state.window_v,
+    window_phi_k=state.window_phi_k,
+    window_mass=state.window_mass,
+    has_window=state.num_tokens >= c,
+    linear_h=state.linear_h,
+    linear_s=state.linear_s,
+  )
+  grouped = tuple(x.reshape(hkv, hq // hkv) for x in gates)
+  step = functools.partial(_chunk_step, config, grouped, prior_positions)
+  carry, (ys, masses) = jax.lax.scan(step, carry0, blocks)
+
+  ys = jnp.moveaxis(ys, 0, 1).reshape(b, padded_len, hq, -1)
+  window = (carry.window_k, carry.window_v, carry.window_phi_k)
+  return ys, carry.cache, carry.linear_h, carry.linear_s, window, carry.window_mass, masses
 
 
 def lola_prefill(
@@ -407,15 +754,28 @@ def lola_prefill(
   )
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
+@functools.partial(jax.jit, static_argnames=("config", "local_in_scan"))
 def _lola_prefill(
-  q, k, v, phi_q, phi_k, gates, *, config: LoLAConfig, state, lengths, prior_positions=None
+  q,
+  k,
+  v,
+  phi_q,
+  phi_k,
+  gates,
+  *,
+  config: LoLAConfig,
+  state,
+  lengths,
+  prior_positions=None,
+  local_in_scan: bool | None = None,
 ):
-  """The jitted body of `lola_prefill` (inputs already validated; `gates` the gate terms)."""
+  """The jitted body of `lola_prefill` (inputs already validated; `gates` the gate terms).
+  `local_in_scan`: the XLA path's form (`_prefill_parallel`; None = `LOCAL_IN_SCAN` of the
+  backend); tests run both."""
   sizes = validation.check_attention_inputs(
     "lola_prefill", q, k, v, phi_q, phi_k, gates[0], has_time=True
   )
-  b, t, hq, hkv, c = sizes["B"], sizes["T"], sizes["Hq"], sizes["Hkv"], config.chunk_size
+  b, t, hkv, c = sizes["B"], sizes["T"], sizes["Hkv"], config.chunk_size
   fresh = state is None
   if fresh:
     state = init_state(
@@ -451,38 +811,19 @@ def _lola_prefill(
   phi_kp = lay_out(phi_k.astype(store), state.chunk_phi_k)
   slot = jnp.arange(padded_len, dtype=jnp.int32)
   real = slot[None, :] < (r + lengths)[:, None]  # [B, P]
-  new_query = real & (slot[None, :] >= r[:, None])  # excludes the re-laid buffered tokens
-  # Mass already received by the buffered tokens of the first block (zero elsewhere).
-  mass0 = jnp.zeros((num_chunks,) + state.chunk_mass.shape, state.chunk_mass.dtype)
-  if not fresh:
-    mass0 = mass0.at[0].set(state.chunk_mass)
-  blocks = ChunkBlock(
-    q=_blocks(lay_out(q, None), c),
-    phi_q=_blocks(lay_out(phi_q, None), c),
-    k=_blocks(kp, c),
-    v=_blocks(vp, c),
-    phi_k=_blocks(phi_kp, c),
-    real=_blocks(real, c),
-    new_query=_blocks(new_query, c),
-    mass=mass0,
-    index=first_chunk[None, :] + jnp.arange(num_chunks, dtype=jnp.int32)[:, None],  # [N, B]
-  )
-  carry0 = ChunkCarry(
-    cache=_sparse_cache(state, track),
-    window_k=state.window_k,
-    window_v=state.window_v,
-    window_phi_k=state.window_phi_k,
-    window_mass=state.window_mass,
-    has_window=state.num_tokens >= c,
-    linear_h=state.linear_h,
-    linear_s=state.linear_s,
-  )
-  grouped = tuple(x.reshape(hkv, hq // hkv) for x in gates)
-  step = functools.partial(_chunk_step, config, grouped, prior_positions)
-  carry, (ys, masses) = jax.lax.scan(step, carry0, blocks)
+  if _parallel_path(config, state.linear_h.dtype):
+    layout = (lay_out(q, None), lay_out(phi_q, None), kp, vp, phi_kp, real, first_chunk)
+    y, cache, linear_h, linear_s, window = _prefill_parallel(
+      config, gates, prior_positions, state, layout, local_in_scan
+    )
+    masses = None
+    window_mass = state.window_mass
+  else:
+    y, cache, linear_h, linear_s, window, window_mass, masses = _prefill_chunk_by_chunk(
+      config, gates, prior_positions, state, lay_out, (q, phi_q, kp, vp, phi_kp, real), r
+    )
 
-  # Outputs: back to [B, P, Hq, dv], then the T new slots of each row.
-  y = jnp.moveaxis(ys, 0, 1).reshape(b, padded_len, hq, -1)
+  # Outputs: the T new slots of each row.
   if not fresh:
     y = jax.vmap(lambda yi, ri: jax.lax.dynamic_slice_in_dim(yi, ri, t, axis=0))(y, r)
   else:
@@ -501,20 +842,19 @@ def _lola_prefill(
   else:
     chunk_mass = state.chunk_mass
 
-  cache = carry.cache
   new_state = LoLAState(
     **_cache_fields(cache),
-    window_k=carry.window_k,
-    window_v=carry.window_v,
-    window_phi_k=carry.window_phi_k,
+    window_k=window[0],
+    window_v=window[1],
+    window_phi_k=window[2],
     chunk_k=_current_chunk(kp, last_block, keep),
     chunk_v=_current_chunk(vp, last_block, keep),
     chunk_phi_k=_current_chunk(phi_kp, last_block, keep),
-    linear_h=carry.linear_h,
-    linear_s=carry.linear_s,
+    linear_h=linear_h,
+    linear_s=linear_s,
     num_tokens=num_tokens,
     cache_mass=cache.mass if track else state.cache_mass,
-    window_mass=carry.window_mass,
+    window_mass=window_mass,
     chunk_mass=chunk_mass,
   )
   return y.astype(q.dtype), new_state
