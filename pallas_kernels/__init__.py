@@ -4,8 +4,12 @@
   hybrid/      LoLA with an empty sparse cache       `hybrid_attention`
   lola_chunk/  the fused LoLA chunk step             `lola_chunk_step`
 
-`common` holds the backend choice (`IMPLEMENTATIONS`, `resolve_implementation`), `BlockSizes`
-and the Pallas helpers; `equations` the mix and the self-recall error every form shares. This
+Linear and hybrid have a TPU family (`pallas.py`: Mosaic, a sequential chunk walk with the state
+in VMEM) and a GPU family (`triton.py`: chunk-parallel Triton); the fused LoLA step is one kernel
+compiled by either. The family is chosen with `implementation=` (None, "xla",
+"pallas", "pallas_tpu", "pallas_triton", "reference"; docs/kernels.md). `common` holds the backend
+choice (`IMPLEMENTATIONS`, `resolve_implementation`, `pallas_call`), `BlockSizes` and the Pallas
+helpers; `equations` the mix and the self-recall error every form shares. This
 package is a leaf: it imports nothing from `lola_jax`.
 """
 

@@ -1,5 +1,7 @@
-"""Shared pieces of the kernels: backend choice, block sizes, padding, input validation and the
-Pallas helpers every kernel uses (`dot`, `head_specs`, `head_outputs`).
+"""Shared pieces of the kernels: backend choice (`resolve_implementation`, `pallas_call`,
+`compiler_params`), block sizes, padding, VMEM accounting (`vmem_bytes`), input validation and the
+Pallas helpers every kernel uses (`dot`, `head_specs`, `chunk_specs`, `lanes`). docs/kernels.md
+describes the backends and the tilings.
 
 Shape legend used across `pallas_kernels`:
   B batch, T time, Hq query heads, Hkv key/value heads (Hq % Hkv == 0, query head i reads kv head
@@ -132,16 +134,6 @@ def resolve_implementation(implementation: str | None) -> str:
 def is_pallas(implementation: str) -> bool:
   """Whether a resolved implementation is a Pallas kernel family."""
   return implementation in TARGETS
-
-
-def default_pallas() -> bool:
-  """Whether `implementation=None` means Pallas on the default backend (TPU only)."""
-  return jax.default_backend() == "tpu"
-
-
-def interpret_mode():
-  """Whether the local backend can only interpret Pallas (no TPU or GPU)."""
-  return jax.default_backend() not in ("tpu", "gpu", "cuda", "rocm")
 
 
 def compiler_params(target: str, *, dimension_semantics=None, num_warps=4, num_stages=2):
