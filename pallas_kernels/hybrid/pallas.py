@@ -58,7 +58,7 @@ def _logits(q, kp, kc, has_prev, c, scale, mm):
   cp = q.shape[0]
   row = jax.lax.broadcasted_iota(jnp.int32, (cp, cp), 0)
   col = jax.lax.broadcasted_iota(jnp.int32, (cp, cp), 1)
-  okp = col < jnp.where(has_prev, c, 0)  # a scalar limit, not a broadcast boolean
+  okp = col < c * jnp.asarray(has_prev, jnp.int32)  # a scalar limit, not a broadcast boolean
   okc = (col < c) & (row >= col)
   lp = jnp.where(okp, mm(q, kp, tb=True) * scale, NEG)
   lc = jnp.where(okc, mm(q, kc, tb=True) * scale, NEG)
