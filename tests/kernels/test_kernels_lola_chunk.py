@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from core_helpers import make_inputs, rel_rms, time_slice
-from kernel_helpers import BF16_RTOL, TPU_INTERPRET, assert_rel_rms
+from kernel_helpers import BF16_RTOL, PRECISION, TPU_INTERPRET, assert_rel_rms
 
 from lola_jax import LoLAConfig, cached_positions, lola_prefill, lola_reference
 from pallas_kernels import BlockSizes, lola_chunk_step
@@ -141,11 +141,13 @@ def kernel_inputs(seed, b=2, hkv=2, g=2, c=4, lam=3, dk=5, dv=3, d=6):
 
 
 @pytest.mark.parametrize(
-  "block_sizes,interpret",
+  "impl,block_sizes,interpret",
   [
-    (None, None),
-    (BlockSizes(16, 16, 16, 16, pow2=True), None),  # the GPU padding (powers of two >= 16)
+    ("pallas_tpu", BlockSizes(), True),  # no padding, generic interpreter
+    ("pallas_tpu", None, True),  # the TPU defaults: keys to 128 lanes, rows to 8 sublanes
+    ("pallas_triton", None, None),  # powers of two >= 16; compiled on a GPU, else interpreted
     pytest.param(
+      "pallas_tpu",
       BlockSizes(128, 128, 128, 8),  # the TPU padding, under the TPU (Mosaic) interpreter
       TPU_INTERPRET,
       marks=[
@@ -154,12 +156,13 @@ def kernel_inputs(seed, b=2, hkv=2, g=2, c=4, lam=3, dk=5, dv=3, d=6):
       ],
     ),
   ],
-  ids=["unpadded", "gpu_padding", "tpu_interpret"],
+  ids=["unpadded", "tpu_padding", "triton", "tpu_interpret"],
 )
-def test_kernel_matches_xla_step(block_sizes, interpret):
+def test_kernel_matches_xla_step(impl, block_sizes, interpret):
   """y and the self-recall errors, with masked keys (rows seeing no key at all included)."""
   args, lam = kernel_inputs(5)
   kw = dict(cache_size=lam, mix="gated", softmax_scale=None, eps=1e-6, interpret=interpret)
+  kw.update(implementation=impl, precision=PRECISION)
   step = jax.jit(lambda *a: lola_chunk_step(*a, **kw, block_sizes=block_sizes))
   y, sre = step(*args)
   scale = args[0].shape[-1] ** -0.5
