@@ -40,8 +40,12 @@ demo: $(STAMP)
 demo-miniature: $(STAMP)
 	$(PY) -m experiments.recall.pipeline --preset=quick --workdir=runs/demo_miniature --params_dir=experiments/recall/params
 
+# The XLA LoLA path against the version before issue 17 (commit 027681e, run from a git worktree
+# under /tmp), prefill T = 1K/8K/32K x caches 0/64/256/512 and decode at 1K-64K: prints the
+# tables, writes docs/bench_lola.json (docs/benchmarks.md, "XLA LoLA path"). About 30 minutes on
+# the 2-core CPU machine; --quick for a smoke run, --profile for the per-part timings.
 bench: $(STAMP)
-	$(PY) -m experiments.benchmarks.bench_core
+	$(PY) -m experiments.benchmarks.bench_lola --baseline=027681e --out=docs/bench_lola.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -860,6 +860,72 @@ def _lola_prefill(
   return y.astype(q.dtype), new_state
 
 
+def _softmax_parts(q, parts, *, scale: float, acc):
+  """Softmax statistics of query rows over several key sets without concatenating them.
+
+  q: [B, Hkv, R, dk]; parts: (keys [B, Hkv, Tk, dk], values [B, Hkv, Tk, dv], mask
+  broadcastable to [B, Hkv, R, Tk]) each. Returns (shift [B, Hkv, R, 1] the max visible logit or
+  0, S = sum e^{l-shift}, N = sum e^{l-shift} v) over the union.
+  """
+  parts = [part for part in parts if part[0].shape[-2] > 0]  # an empty cache (L = 0)
+  logits = [
+    jnp.where(
+      mask, jnp.einsum("bhrd,bhkd->bhrk", q, k, preferred_element_type=acc) * scale, -jnp.inf
+    )
+    for k, _, mask in parts
+  ]
+  m = functools.reduce(jnp.maximum, [jnp.max(x, axis=-1, keepdims=True) for x in logits])
+  shift = jnp.where(jnp.isfinite(m), m, 0.0)
+  s, n = 0.0, 0.0
+  for x, (_, vals, mask) in zip(logits, parts, strict=True):
+    p = jnp.where(mask, jnp.exp(x - shift), 0.0)
+    s = s + jnp.sum(p, axis=-1, keepdims=True)
+    n = n + jnp.einsum("bhrk,bhkd->bhrd", p.astype(vals.dtype), vals, preferred_element_type=acc)
+  return shift, s, n
+
+
+def _decode_attend_concat(config, q, k, v, phi_q, phi_k, grouped, state, slot):
+  """The "attention" policy's decode read-out over the concatenated [cache; window; chunk]
+  (`_attend`, which also returns the softmax mass every key received). Returns (y [B, Hq, dv],
+  the mass [B, Hkv, L + 2C], the chunk buffers with the token written)."""
+  b, hkv, c = k.shape[0], k.shape[1], config.chunk_size
+  store = state.cache_k.dtype
+  r = state.num_tokens % c
+
+  def write(buf, x):  # buf [B, Hkv, C, d], x [B, Hkv, d]
+    return jnp.where(slot[:, None, :, None], x[:, :, None, :].astype(store), buf)
+
+  chunk_k, chunk_v, chunk_phi = (
+    write(state.chunk_k, k),
+    write(state.chunk_v, v),
+    write(state.chunk_phi_k, phi_k),
+  )
+  keys = jnp.concatenate([state.cache_k, state.window_k, chunk_k], axis=-2)
+  values = jnp.concatenate([state.cache_v, state.window_v, chunk_v], axis=-2)
+  has_window = state.num_tokens >= c
+  mask = jnp.concatenate(
+    [
+      state.cache_valid,
+      jnp.broadcast_to(has_window[:, None, None], (b, hkv, c)),
+      jnp.broadcast_to((jnp.arange(c)[None, :] <= r[:, None])[:, None, :], (b, hkv, c)),
+    ],
+    axis=-1,
+  )[:, :, None, :]
+  y, key_mass = _attend(
+    config,
+    _group_queries(q[:, None], hkv),
+    _group_queries(phi_q[:, None], hkv),
+    keys,
+    values,
+    mask,
+    state.linear_h,
+    state.linear_s,
+    grouped,
+    mass_queries=jnp.ones((b, 1), bool),
+  )
+  return _ungroup(y)[:, 0], key_mass, (chunk_k, chunk_v, chunk_phi)
+
+
 def lola_decode(
   q,
   k,
@@ -950,41 +1016,36 @@ def _lola_decode(
   store = state.cache_k.dtype
   r = state.num_tokens % c
   slot = jnp.arange(c)[None, :] == r[:, None]  # [B, C]
-
-  def write(buf, x):  # buf [B, Hkv, C, d], x [B, Hkv, d]
-    return jnp.where(slot[:, None, :, None], x[:, :, None, :].astype(store), buf)
-
-  chunk_k, chunk_v, chunk_phi = (
-    write(state.chunk_k, k),
-    write(state.chunk_v, v),
-    write(state.chunk_phi_k, phi_k),
-  )
-  keys = jnp.concatenate([state.cache_k, state.window_k, chunk_k], axis=-2)
-  values = jnp.concatenate([state.cache_v, state.window_v, chunk_v], axis=-2)
-  has_window = state.num_tokens >= c
-  mask = jnp.concatenate(
-    [
-      state.cache_valid,
-      jnp.broadcast_to(has_window[:, None, None], (b, hkv, c)),
-      jnp.broadcast_to((jnp.arange(c)[None, :] <= r[:, None])[:, None, :], (b, hkv, c)),
-    ],
-    axis=-1,
-  )[:, :, None, :]
-  grouped = tuple(x.reshape(hkv, hq // hkv) for x in gates)
   track = config.policy == "attention"
-  y, key_mass = _attend(
-    config,
-    _group_queries(q[:, None], hkv),
-    _group_queries(phi_q[:, None], hkv),
-    keys,
-    values,
-    mask,
-    state.linear_h,
-    state.linear_s,
-    grouped,
-    mass_queries=jnp.ones((b, 1), bool) if track else None,
-  )
-  y = _ungroup(y)[:, 0]
+  grouped = tuple(x.reshape(hkv, hq // hkv) for x in gates)
+  has_window = state.num_tokens >= c
+  if track:
+    y, key_mass, (chunk_k, chunk_v, chunk_phi) = _decode_attend_concat(
+      config, q, k, v, phi_q, phi_k, grouped, state, slot
+    )
+  else:
+    # The token goes into slot r of each row's chunk buffer by index (an in-place update where
+    # the buffer is donated or a loop carry), and the softmax over [cache; window; chunk] is
+    # taken part by part: nothing of the state is concatenated or copied.
+    write = jax.vmap(lambda buf, x, i: jax.lax.dynamic_update_index_in_dim(buf, x, i, axis=1))
+    chunk_k = write(state.chunk_k, k.astype(store), r)
+    chunk_v = write(state.chunk_v, v.astype(store), r)
+    chunk_phi = write(state.chunk_phi_k, phi_k.astype(store), r)
+    q_rows = q.reshape(b, hkv, hq // hkv, q.shape[-1])  # [B, Hkv, G, dk]: one row per head
+    in_chunk = (jnp.arange(c)[None, :] <= r[:, None])[:, None, None, :]  # [B, 1, 1, C]
+    shift, s_soft, n_soft = _softmax_parts(
+      q_rows,
+      [
+        (state.cache_k, state.cache_v, state.cache_valid[:, :, None, :]),
+        (state.window_k, state.window_v, has_window[:, None, None, None]),
+        (chunk_k, chunk_v, in_chunk),
+      ],
+      scale=config.scale(q.shape[-1]),
+      acc=state.linear_h.dtype,
+    )
+    phi_rows = phi_q.reshape(b, hkv, hq // hkv, phi_q.shape[-1])
+    y = _mix_rows(config, grouped, shift, s_soft, n_soft, phi_rows, state.linear_h, state.linear_s)
+    y = y.reshape(b, hq, -1)
   cache_mass, window_mass, chunk_mass = state.cache_mass, state.window_mass, state.chunk_mass
   if track:
     lam = config.cache_size
@@ -1006,3 +1067,43 @@ def _lola_decode(
   roll = functools.partial(_roll_chunk, config, complete, has_window, prior_positions)
   new_state = jax.lax.cond(jnp.any(complete), roll, lambda st: st, written)
   return y.astype(q.dtype), new_state
+
+
+def lola_decode_steps(
+  q, k, v, phi_q, phi_k, gate=None, *, gate_logit=None, config: LoLAConfig, state: LoLAState
+):
+  """`lola_decode` for n consecutive tokens per row inside one jitted loop (`lax.scan` over the
+  decode step): one program for all n steps, no host round trip or dispatch between them. The
+  outputs and the final state equal n calls of `lola_decode` (and one `lola_prefill`); it is the
+  decode loop of the benchmarks and the form a generation loop runs (`lola_jax.generate` calls
+  the model's decode inside its own `lax.while_loop`).
+
+  Args:
+    q: [B, n, Hq, dk]  k: [B, n, Hkv, dk]  v: [B, n, Hkv, dv]  phi_q: [B, n, Hq, D]
+    phi_k: [B, n, Hkv, D]; gate / gate_logit [Hq]; config; state (as `lola_decode`).
+
+  Returns:
+    y [B, n, Hq, dv] in q.dtype, and the state after the n tokens.
+  """
+  fn = "lola_decode_steps"
+  if not isinstance(config, LoLAConfig):
+    raise ValueError(f"{fn}: config must be a LoLAConfig, got {type(config).__name__}")
+  given = validation.check_gate_args(fn, gate, gate_logit)
+  sizes = validation.check_attention_inputs(fn, q, k, v, phi_q, phi_k, *given, has_time=True)
+  validation.check_state(fn, state, config, sizes, dtype=k.dtype)
+  return _lola_decode_steps(
+    q, k, v, phi_q, phi_k, gate_terms(gate, gate_logit), config=config, state=state
+  )
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _lola_decode_steps(q, k, v, phi_q, phi_k, gates, *, config: LoLAConfig, state: LoLAState):
+  """The jitted loop of `lola_decode_steps`: the decode step's body under `lax.scan`."""
+
+  def step(st, x):
+    y, st = _lola_decode(*x, gates, config=config, state=st)
+    return st, y
+
+  xs = tuple(jnp.moveaxis(x, 1, 0) for x in (q, k, v, phi_q, phi_k))
+  state, ys = jax.lax.scan(step, state, xs)
+  return jnp.moveaxis(ys, 0, 1), state

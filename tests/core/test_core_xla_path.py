@@ -13,9 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from core_helpers import make_inputs, rel_rms, time_slice
+from core_helpers import make_inputs, rel_rms, time_slice, time_step
 
-from lola_jax import LoLAConfig, cached_positions, lola_prefill, lola_reference
+from lola_jax import LoLAConfig, cached_positions, lola_decode, lola_prefill, lola_reference
 from lola_jax.core import scan, selection
 from pallas_kernels.equations import gate_terms
 
@@ -151,3 +151,34 @@ def test_jit_of_a_padded_parallel_prefill_is_finite_with_nan_padding():
   f = jax.jit(lambda *a: lola_prefill(*a, config=config, lengths=jnp.array([20, 12]))[0])
   y = f(q, k, v, phi_q, phi_k, gate)
   assert bool(jnp.isfinite(y).all())
+
+
+@pytest.mark.parametrize(
+  "cache, policy", [(3, "sre"), (0, "sre"), (8, "recency"), (3, "attention")]
+)
+def test_decode_loop_equals_step_by_step_decode_and_prefill(cache, policy):
+  """`lola_decode_steps` (n tokens in one jitted loop) == n `lola_decode` calls == one prefill:
+  outputs and the final state, across several chunk ends (C = 5, 30 decoded tokens)."""
+  inputs = make_inputs(seed=cache + 1, time=37)
+  config = LoLAConfig(chunk_size=5, cache_size=cache, policy=policy)
+  y_full, s_full = lola_prefill(*inputs, config=config)
+  _, s0 = lola_prefill(*time_slice(inputs, 0, 7), config=config)
+  y_loop, s_loop = scan.lola_decode_steps(*time_slice(inputs, 7, 37), config=config, state=s0)
+  st, ys = s0, []
+  for t in range(7, 37):
+    y, st = lola_decode(*time_step(inputs, t), config=config, state=st)
+    ys.append(y)
+  chex.assert_trees_all_close(y_loop, jnp.stack(ys, axis=1), rtol=1e-6, atol=1e-6)
+  chex.assert_trees_all_close(s_loop, st, rtol=1e-6, atol=1e-6)
+  chex.assert_trees_all_close(y_loop, y_full[:, 7:], rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(s_loop, s_full, rtol=1e-5, atol=1e-5)
+  assert rel_rms(y_loop, lola_reference(*inputs, config=config)[:, 7:]) <= TOL
+
+
+def test_decode_loop_validates_its_inputs():
+  inputs = make_inputs(seed=2, time=8)
+  config = LoLAConfig(chunk_size=4, cache_size=2)
+  _, s0 = lola_prefill(*time_slice(inputs, 0, 4), config=config)
+  q, k, v, phi_q, phi_k, gate = time_slice(inputs, 4, 8)
+  with pytest.raises(ValueError, match="lola_decode_steps"):
+    scan.lola_decode_steps(q[:, :, :3], k, v, phi_q, phi_k, gate, config=config, state=s0)

@@ -1,0 +1,447 @@
+r"""The XLA LoLA path near the machine's limit (issue 17): prefill and decode against the previous
+version of the code, one large matmul and one pass over the state, all measured in the same run.
+
+  python -m experiments.benchmarks.bench_lola                       # `make bench`
+  python -m experiments.benchmarks.bench_lola --quick               # a few seconds' smoke run
+  python -m experiments.benchmarks.bench_lola --baseline=REV        # compare with git REV
+
+Workload (issue 17): float32, batch 1, 8 query and 8 kv heads, head dim 64, Hedgehog features
+D = 128, chunk 64. For every T and cache size: `lola_prefill` tokens/s, achieved GFLOP/s under
+one FLOP model (`prefill_flops`, the same count for both versions) and that as a % of one
+2048^2 matmul's GFLOP/s measured in this run. Decode at several positions: ms per token as a
+single `lola_decode` call (validation, dispatch and the jitted step, chunk ends included in the
+mean) and inside one jitted `lax.scan` over the tokens (the generation loop's form), against the
+time of one jitted reduction over arrays of the state's size (streaming the state once).
+
+The baseline runs the same measurements in a child process on a `git worktree` of REV
+(created under /tmp if missing; the main checkout is not touched), interleaved with ours per
+sequence length so that both see the same machine load. Medians of --repeats timed runs after a
+compile run; on a shared machine only the ratios within one run mean anything.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from lola_jax import LoLAConfig, lola_decode, lola_prefill
+from lola_jax.core import selection
+from pallas_kernels.equations import gate_terms, self_recall_error
+from pallas_kernels.lola_chunk.xla import attend, chunk_mask
+
+_QUICK = flags.DEFINE_bool("quick", False, "Tiny grid (tests, smoke runs).")
+_OUT = flags.DEFINE_string("out", "docs/bench_lola.json", "JSON results ('' = none).")
+_BASELINE = flags.DEFINE_string("baseline", "", "git revision to compare with ('' = none).")
+_SEQ_LENS = flags.DEFINE_list("seq_lens", ["1024", "8192", "32768"], "Prefill lengths T.")
+_CACHES = flags.DEFINE_list("caches", ["0", "64", "256", "512"], "Cache sizes L.")
+_POSITIONS = flags.DEFINE_list("positions", ["1024", "8192", "32768", "65536"], "Decode at.")
+_DECODE_CACHES = flags.DEFINE_list("decode_caches", ["64", "256"], "Decode cache sizes.")
+_DECODE_STEPS = flags.DEFINE_integer("decode_steps", 128, "Decode steps per measurement.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs per setting (median).")
+_CHILD = flags.DEFINE_string("child", None, "Internal: JSON job for the baseline process.")
+_PROFILE = flags.DEFINE_bool(
+  "profile", False, "Time the parts of one prefill chunk (scans running one part at a time)."
+)
+
+HEADS, KV_HEADS, HEAD_DIM, FEATURES, CHUNK = 8, 8, 64, 128, 64
+
+
+def _inputs(t, seed=0):
+  rng = np.random.default_rng(seed)
+  q = rng.normal(size=(1, t, HEADS, HEAD_DIM))
+  k = rng.normal(size=(1, t, KV_HEADS, HEAD_DIM))
+  v = rng.normal(size=(1, t, KV_HEADS, HEAD_DIM))
+  phi_q = np.exp(0.3 * rng.normal(size=(1, t, HEADS, FEATURES))) / FEATURES
+  phi_k = np.exp(0.3 * rng.normal(size=(1, t, KV_HEADS, FEATURES))) / FEATURES
+  gate = np.full((HEADS,), 0.5)
+  return tuple(jnp.asarray(x, jnp.float32) for x in (q, k, v, phi_q, phi_k, gate))
+
+
+def _median_time(fn, repeats):
+  jax.block_until_ready(fn())  # compile and warm up
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def prefill_flops(t, lam, c=CHUNK, hq=HEADS, hkv=KV_HEADS, dk=HEAD_DIM, dv=HEAD_DIM, d=FEATURES):
+  """One FLOP model for every version (the work LoLA needs, as chunked matmuls): per chunk, the
+  logits and weighted values of C queries over [cache; window; chunk] (L + 2C keys, masked ones
+  included), the linear read-out phi_q [H, s], and when L > 0 the self-recall errors of the L + C
+  candidates and the absorption of the C pairs that leave (a version that contracts all L + C
+  candidates does more work than counted here)."""
+  chunks = -(-t // c)
+  attn = hq * c * (lam + 2 * c) * (dk + dv) * 2
+  linear = hq * c * d * (dv + 1) * 2
+  update = hkv * (lam + c) * d * (dv + 1) * 2 + hkv * c * d * (dv + 1) * 2 if lam else 0
+  return chunks * (attn + linear + update)
+
+
+def matmul_gflops(n=2048, repeats=5):
+  a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)).astype(np.float32))
+  f = jax.jit(lambda x: x @ x)
+  return 2 * n**3 / _median_time(lambda: f(a), repeats) / 1e9
+
+
+def profile_parts(t, lam, repeats):
+  """Milliseconds of each part of the prefill's per-chunk work, each timed as its own `lax.scan`
+  over the T / C chunks (a carry threads through so nothing is hoisted out of the loop): the
+  forms of the previous version (one softmax over the concatenated [cache; window; chunk], the
+  absorption of all L + C candidates under a 0/1 mask, an argsort compaction) next to this
+  version's (the window + chunk terms apart from the cache's, the evicted C pairs gathered and
+  absorbed, a cumulative-sum compaction)."""
+  c, h, dk, d = CHUNK, KV_HEADS, HEAD_DIM, FEATURES
+  n = t // c
+  rng = np.random.default_rng(0)
+  arr = lambda *shape: jnp.asarray(rng.normal(size=shape).astype(np.float32))
+  q, phq = arr(n, 1, h, 1, c, dk), jnp.abs(arr(n, 1, h, 1, c, d)) / d
+  kc, vc, phk = arr(n, 1, h, c, dk), arr(n, 1, h, c, dk), jnp.abs(arr(n, 1, h, c, d)) / d
+  gates = tuple(x.reshape(h, 1) for x in gate_terms(jnp.full((h,), 0.5)))
+  ck, cv, cphi = arr(1, h, lam, dk), arr(1, h, lam, dk), jnp.abs(arr(1, h, lam, d)) / d
+  s0 = jnp.abs(arr(1, h, d))
+  pos = jnp.broadcast_to(jnp.arange(lam + c, dtype=jnp.int32), (1, h, lam + c))
+
+  def scan_time(body):
+    f = jax.jit(
+      lambda h0: jax.lax.scan(lambda hh, x: (body(hh, *x), None), h0, (q, phq, kc, vc, phk))[0]
+    )
+    return _median_time(lambda: f(jnp.abs(arr(1, h, d, dk))), repeats) * 1e3
+
+  def concat_attention(hh, qq, pq, k, v, pk):
+    keys, vals = jnp.concatenate([ck, k, k], -2), jnp.concatenate([cv, v, v], -2)
+    mask = chunk_mask(jnp.ones((1, h, lam + 2 * c), bool), lam, c)
+    y, _, _ = attend(qq, pq, keys, vals, mask, hh, s0, gates, scale=0.125, mix="gated")
+    return hh + 1e-9 * y[:, :, 0, :1]
+
+  def scores(hh, k, v, pk):
+    cphi_all, cv_all = jnp.concatenate([cphi, pk], -2), jnp.concatenate([cv, v], -2)
+    return self_recall_error(cphi_all, cv_all, hh, s0[..., None, :], 1e-6)[..., 0]
+
+  def keep_mask(hh, k):
+    return (jnp.concatenate([ck[..., 0], k[..., 0]], -1) + hh[..., :1, 0]) > 0
+
+  def masked_absorb(hh, qq, pq, k, v, pk):
+    cand = selection.Candidates(
+      k=None, v=jnp.concatenate([cv, v], -2), phi_k=jnp.concatenate([cphi, pk], -2), positions=pos
+    )
+    return selection.absorb(hh, s0, cand, keep_mask(hh, k))[0]
+
+  def evicted_absorb(hh, qq, pq, k, v, pk):
+    cand = selection.Candidates(
+      k=None, v=jnp.concatenate([cv, v], -2), phi_k=jnp.concatenate([cphi, pk], -2), positions=pos
+    )
+    return selection.absorb_evicted(hh, s0, cand, keep_mask(hh, k), c)[0]
+
+  def argsort_compaction(hh, qq, pq, k, v, pk):
+    keep = keep_mask(hh, k)
+    order = jnp.argsort(jnp.where(keep, pos, 2**31 - 1), axis=-1)[..., :lam]
+    rows = jnp.take_along_axis(jnp.concatenate([cphi, pk], -2), order[..., None], -2)
+    return hh + 1e-9 * rows.sum(-2)[..., None, :1]
+
+  def cumsum_compaction(hh, qq, pq, k, v, pk):
+    order, ok = selection.compaction_indices(keep_mask(hh, k), lam)
+    rows = jnp.take_along_axis(jnp.concatenate([cphi, pk], -2), order[..., None], -2)
+    return hh + 1e-9 * jnp.where(ok[..., None], rows, 0).sum(-2)[..., None, :1]
+
+  def top_k(hh, qq, pq, k, v, pk):
+    sc = scores(hh, k, v, pk)
+    cand = selection.Candidates(k=None, v=None, phi_k=None, positions=pos)
+    keep = selection.select_sre(LoLAConfig(chunk_size=c, cache_size=lam), cand, hh, s0, sc)
+    return hh + 1e-9 * keep.sum(-1)[..., None, None]
+
+  def scoring(hh, qq, pq, k, v, pk):
+    return hh + 1e-9 * scores(hh, k, v, pk).sum(-1)[..., None, None]
+
+  parts = {"attention + linear read-out, concatenated keys (previous)": concat_attention}
+  if lam:
+    parts.update(
+      {
+        "self-recall scoring of L + C candidates": scoring,
+        "scoring + top-L selection": top_k,
+        "absorption, all L + C under a 0/1 mask (previous)": masked_absorb,
+        "absorption, the C evicted pairs gathered (now)": evicted_absorb,
+        "compaction by argsort + gathers (previous)": argsort_compaction,
+        "compaction by cumulative-sum scatter + gathers (now)": cumsum_compaction,
+      }
+    )
+  out = {name: scan_time(fn) for name, fn in parts.items()}
+  inputs = _inputs(t)
+  config = LoLAConfig(chunk_size=c, cache_size=lam)
+  out["whole lola_prefill (now)"] = (
+    _median_time(functools.partial(lola_prefill, *inputs, config=config), repeats) * 1e3
+  )
+  return out
+
+
+def bench_prefill(t, caches, repeats):
+  inputs = _inputs(t)
+  rows = []
+  for lam in caches:
+    config = LoLAConfig(chunk_size=CHUNK, cache_size=lam)
+    sec = _median_time(functools.partial(lola_prefill, *inputs, config=config), repeats)
+    flops = prefill_flops(t, lam)
+    rows.append(
+      dict(T=t, cache=lam, seconds=sec, tokens_per_s=t / sec, gflop_per_s=flops / sec / 1e9)
+    )
+  return rows
+
+
+def _stream_seconds(state, repeats):
+  """One jitted reduction over arrays of the state's size: a single call, and per pass inside a
+  jitted loop of 64 passes (each pass reads every leaf once)."""
+  leaves = [x for x in jax.tree_util.tree_leaves(state) if x.size and x.dtype == jnp.float32]
+  single = jax.jit(lambda xs: sum(jnp.sum(x) for x in xs))
+
+  @jax.jit
+  def loop(xs):
+    def body(i, acc):
+      w = 1.0 + i.astype(jnp.float32) * 1e-7  # depends on i: not hoisted out of the loop
+      return acc + sum(jnp.sum(x * w) for x in xs)
+
+    return jax.lax.fori_loop(0, 64, body, jnp.float32(0))
+
+  return _median_time(lambda: single(leaves), repeats), _median_time(
+    lambda: loop(leaves), repeats
+  ) / 64
+
+
+def bench_decode(pos, lam, steps, repeats):
+  config = LoLAConfig(chunk_size=CHUNK, cache_size=lam)
+  inputs = _inputs(pos + steps, seed=1)
+  *seq, gate = inputs
+  _, state0 = lola_prefill(*(x[:, :pos] for x in seq), gate, config=config)
+  tokens = [tuple(x[:, pos + i] for x in seq) for i in range(steps)]
+  state = state0
+  jax.block_until_ready(lola_decode(*tokens[0], gate, config=config, state=state))
+  lat = []
+  for i in range(steps):
+    start = time.perf_counter()
+    _, state = jax.block_until_ready(lola_decode(*tokens[i], gate, config=config, state=state))
+    lat.append(time.perf_counter() - start)
+  xs = tuple(jnp.moveaxis(x[:, pos : pos + steps], 1, 0) for x in seq)
+
+  @jax.jit
+  def loop(st, xs):
+    def body(s, x):
+      y, s = lola_decode(*x, gate, config=config, state=s)
+      return s, y
+
+    return jax.lax.scan(body, st, xs)
+
+  in_loop = _median_time(lambda: loop(state0, xs), repeats) / steps
+  stream_single, stream_loop = _stream_seconds(state0, repeats)
+  return dict(
+    position=pos,
+    cache=lam,
+    single_median_ms=statistics.median(lat) * 1e3,
+    single_mean_ms=statistics.mean(lat) * 1e3,
+    loop_ms=in_loop * 1e3,
+    stream_single_ms=stream_single * 1e3,
+    stream_loop_ms=stream_loop * 1e3,
+    state_bytes=sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(state0)),
+  )
+
+
+def run_job(job):
+  """The measurements of one job dict (also what the baseline child runs)."""
+  out = {}
+  if "prefill" in job:
+    out["prefill"] = bench_prefill(job["prefill"], job["caches"], job["repeats"])
+  if "decode" in job:
+    pos, lam = job["decode"]
+    out["decode"] = [bench_decode(pos, lam, job["steps"], job["repeats"])]
+  return out
+
+
+def _worktree(rev):
+  path = f"/tmp/lola_baseline_{rev}"
+  if not os.path.isdir(path):
+    subprocess.run(["git", "worktree", "add", "--detach", path, rev], check=True)
+  return path
+
+
+def _baseline(path, job):
+  env = dict(os.environ, PYTHONPATH=path)
+  # This file, with lola_jax imported from the worktree (PYTHONPATH precedes the editable
+  # install of the main checkout).
+  cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(job)]
+  res = subprocess.run(cmd, cwd=path, env=env, capture_output=True, text=True, check=False)
+  if res.returncode:
+    print(res.stderr[-2000:], flush=True)
+    return {}
+  out = json.loads(res.stdout.strip().splitlines()[-1])
+  if not out.pop("lola_jax").startswith(path):
+    raise RuntimeError(f"the baseline child did not import lola_jax from {path}")
+  return out
+
+
+def _table(headers, rows):
+  out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+  out += ["| " + " | ".join(str(x) for x in r) + " |" for r in rows]
+  return "\n".join(out)
+
+
+def report(res):
+  mm = res["matmul_gflop_per_s"]
+  base = {(r["T"], r["cache"]): r for r in res.get("baseline_prefill", [])}
+  lines = [
+    f"Machine: {res['machine']}; jax {res['jax']}; one 2048^2 f32 matmul: {mm:.1f} GFLOP/s "
+    f"(median of the run's start and end); baseline: {res['baseline'] or 'none'}.",
+    "",
+    "Prefill (batch 1, 8 heads, head dim 64, D 128, chunk 64, float32):",
+    "",
+  ]
+  rows = []
+  for r in res["prefill"]:
+    b = base.get((r["T"], r["cache"]))
+    rows.append(
+      [
+        r["T"],
+        r["cache"],
+        f"{r['seconds'] * 1e3:.1f}",
+        f"{r['tokens_per_s']:.0f}",
+        f"{r['gflop_per_s']:.1f}",
+        f"{100 * r['gflop_per_s'] / mm:.0f}%",
+        f"{b['tokens_per_s']:.0f}" if b else "-",
+        f"{100 * b['gflop_per_s'] / mm:.0f}%" if b else "-",
+        f"{r['tokens_per_s'] / b['tokens_per_s']:.2f}x" if b else "-",
+      ]
+    )
+  lines.append(
+    _table(
+      [
+        "T",
+        "cache",
+        "ms",
+        "tokens/s",
+        "GFLOP/s",
+        "% matmul",
+        "base tokens/s",
+        "base % matmul",
+        "speed-up",
+      ],
+      rows,
+    )  # fmt: skip
+  )
+  dbase = {(r["position"], r["cache"]): r for r in res.get("baseline_decode", [])}
+  lines += [
+    "",
+    "Decode, ms per token (single call: median / mean of consecutive `lola_decode` calls, chunk "
+    "ends in the mean; loop: one jitted scan over the tokens; stream: one jitted reduction over "
+    "the state's arrays, per pass inside a loop):",
+    "",
+  ]
+  rows = []
+  for r in res["decode"]:
+    b = dbase.get((r["position"], r["cache"]))
+    rows.append(
+      [
+        r["position"],
+        r["cache"],
+        f"{r['single_median_ms']:.3f} / {r['single_mean_ms']:.3f}",
+        f"{r['loop_ms']:.3f}",
+        f"{r['stream_loop_ms']:.3f}",
+        f"{r['loop_ms'] / r['stream_loop_ms']:.1f}x",
+        f"{b['single_median_ms']:.3f} / {b['single_mean_ms']:.3f}" if b else "-",
+        f"{b['loop_ms']:.3f}" if b else "-",
+        f"{r['state_bytes'] / 2**20:.1f} MiB",
+      ]
+    )
+  lines.append(
+    _table(
+      [
+        "position",
+        "cache",
+        "single call",
+        "in loop",
+        "stream state",
+        "loop / stream",
+        "base single call",
+        "base in loop",
+        "state",
+      ],
+      rows,
+    )  # fmt: skip
+  )
+  return "\n".join(lines)
+
+
+def main(argv):
+  del argv
+  if _CHILD.value:
+    out = run_job(json.loads(_CHILD.value))
+    out["lola_jax"] = os.path.dirname(os.path.dirname(lola_prefill.__code__.co_filename))
+    print(json.dumps(out))
+    return
+  if _PROFILE.value:
+    t = 1024 if _QUICK.value else 8192
+    for lam in [0, 64] if _QUICK.value else [0, 64, 256]:
+      print(f"T={t} cache={lam}, ms per prefill (scans over the chunks):")
+      for name, ms in profile_parts(t, lam, _REPEATS.value).items():
+        print(f"  {ms:9.1f}  {name}")
+    return
+  if _QUICK.value:
+    seq_lens, caches, positions, dcaches, steps, repeats = [1024], [0, 64], [1024], [64], 16, 1
+  else:
+    seq_lens = [int(x) for x in _SEQ_LENS.value]
+    caches = [int(x) for x in _CACHES.value]
+    positions = [int(x) for x in _POSITIONS.value]
+    dcaches = [int(x) for x in _DECODE_CACHES.value]
+    steps, repeats = _DECODE_STEPS.value, _REPEATS.value
+  base_path = _worktree(_BASELINE.value) if _BASELINE.value else None
+  print(f"bench_lola: devices={jax.devices()}, baseline={_BASELINE.value or 'none'}", flush=True)
+  mm0 = matmul_gflops()
+  res = dict(
+    machine=f"{platform.machine()}, {os.cpu_count()} cores, {jax.devices()[0].platform}",
+    jax=jax.__version__,
+    baseline=_BASELINE.value,
+    prefill=[],
+    decode=[],
+    baseline_prefill=[],
+    baseline_decode=[],
+  )
+  for t in seq_lens:
+    job = dict(prefill=t, caches=caches, repeats=repeats)
+    res["prefill"] += run_job(job)["prefill"]
+    for r in res["prefill"][-len(caches) :]:
+      print(f"  prefill T={t} L={r['cache']}: {r['tokens_per_s']:.0f} tok/s", flush=True)
+    if base_path:
+      res["baseline_prefill"] += _baseline(base_path, job).get("prefill", [])
+  for pos in positions:
+    for lam in dcaches:
+      job = dict(decode=(pos, lam), steps=steps, repeats=repeats)
+      res["decode"] += run_job(job)["decode"]
+      r = res["decode"][-1]
+      print(
+        f"  decode pos={pos} L={lam}: single {r['single_median_ms']:.3f} ms, loop "
+        f"{r['loop_ms']:.3f} ms, stream {r['stream_loop_ms']:.3f} ms",
+        flush=True,
+      )
+      if base_path:
+        res["baseline_decode"] += _baseline(base_path, job).get("decode", [])
+  res["matmul_gflop_per_s"] = statistics.median([mm0, matmul_gflops()])
+  print()
+  print(report(res))
+  if _OUT.value:
+    os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
+    with open(_OUT.value, "w") as f:
+      json.dump(res, f, indent=1)
+    print(f"\nwrote {_OUT.value}")
+
+
+if __name__ == "__main__":
+  app.run(main)
