@@ -186,6 +186,76 @@ def opt_state_shardings(tx: optax.GradientTransformation, params_abstract, param
   )
 
 
+def mesh_in_use() -> jax.sharding.AbstractMesh | None:
+  """The mesh the current computation runs under, or None.
+
+  That is the ambient mesh: set with `jax.set_mesh(mesh)` around a call, or with
+  `jax.sharding.use_abstract_mesh(mesh.abstract_mesh)` inside a traced function (the trainer's
+  jitted steps do, `lola_jax/training/steps.py`). None when no mesh is set, or when none of its
+  axes of size > 1 is still free (every axis already manual: the caller is inside a
+  `jax.shard_map` of its own and the arrays are per-device shards).
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return None
+  manual = set(mesh.manual_axes)
+  if not any(size > 1 and name not in manual for name, size in mesh.shape.items()):
+    return None
+  return mesh
+
+
+def free_rules(mesh, rules=DEFAULT_RULES) -> tuple[tuple[str, Any], ...]:
+  """`rules` without the mesh axes that are already manual on `mesh` (inside a shard_map)."""
+  manual = set(getattr(mesh, "manual_axes", ()))
+  out = []
+  for name, axes in rules:
+    flat = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+    flat = tuple(a for a in flat if a not in manual)
+    out.append((name, flat or None))
+  return tuple(out)
+
+
+def shard_map_logical(fn, args: tuple, in_axes: tuple, out_axes, mesh, rules=DEFAULT_RULES):
+  """`fn(*args)` run per device inside `jax.shard_map` over every free axis of `mesh`.
+
+  Each array's PartitionSpec comes from its logical axis names (`logical_to_spec`: a dimension
+  is split only where its size divides by the mesh axes, else replicated), so the caller's
+  rules decide the split; every free mesh axis becomes manual (a Mosaic TPU kernel is only
+  accepted when all axes are, `jax._src.tpu_custom_call`). `fn` must compute each output shard
+  from the matching input shards alone (no collective inside): true of attention over batch
+  rows and heads when both the query and the key/value heads are split the same way.
+
+  Args:
+    fn: the per-shard function (it sees local shapes).
+    args: its positional arguments, pytrees of arrays (no None leaves).
+    in_axes: per argument, a tree matching it whose leaves are tuples of logical names (one
+      per dimension, None for an unsplit one) or None (replicated).
+    out_axes: the same for the outputs of `fn`.
+    mesh: the (abstract) mesh in use (`mesh_in_use()`); rules: logical name -> mesh axes.
+  """
+  rules = free_rules(mesh, rules)
+
+  def specs(axes, tree):
+    def spec(names, x):
+      return P() if names is None or x is None else logical_to_spec(names, x.shape, mesh, rules)
+
+    return jax.tree.map(spec, axes, tree, is_leaf=_is_axes)
+
+  manual = set(mesh.manual_axes)
+  free = frozenset(a for a in mesh.axis_names if a not in manual)
+  out_shapes = jax.eval_shape(fn, *args)
+  return jax.shard_map(
+    fn,
+    in_specs=tuple(specs(a, x) for a, x in zip(in_axes, args, strict=True)),
+    out_specs=specs(out_axes, out_shapes),
+    axis_names=free,
+    # The kernels declare their outputs without `manual_axis_type` (pallas_call refuses
+    # check_vma=True then); with False the transpose still sums the cotangents of replicated
+    # inputs (the gate over batch shards) across devices.
+    check_vma=False,
+  )(*args)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """[B, T] batches: batch over ("data", "fsdp"), time replicated."""
   return NamedSharding(mesh, P(BATCH_AXES))

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lola_jax import sharding
 from lola_jax.core.scan import lola_decode, lola_prefill
 from lola_jax.core.state import init_state
 from lola_jax.model import layers
@@ -38,6 +39,39 @@ from pallas_kernels import hybrid_attention, linear_attention
 
 def _projection(eqn, shape, axes, fan_in, dtype, rngs):
   return layers.DenseGeneral(eqn, shape, axes, fan_in=fan_in, dtype=dtype, rngs=rngs)
+
+
+# Logical axes of the kernels' operands.
+Q_AXES = ("batch", None, "heads", None)  # q, phi_q, y: [B, T, Hq, .]
+KV_AXES = ("batch", None, "kv_heads", None)  # k, v, phi_k: [B, T, Hkv, .]
+GATE_AXES = ("heads",)  # the gate logits [Hq]
+ROW_AXES = ("batch",)  # lengths [B]
+PRIOR_AXES = ("batch", None)  # prior positions [B, P]
+
+
+def kernel_call(fn, args: tuple, in_axes: tuple, out_axes, *, batch: int, kv_heads: int):
+  """`fn(*args)`: directly, or under the mesh in use inside `jax.shard_map` over rows and heads.
+
+  Pallas kernels cannot be partitioned by XLA (a Mosaic kernel on a mesh of more than one
+  device is refused), so under a mesh (`lola_jax.sharding.mesh_in_use`: the trainer's, or one
+  set with `jax.set_mesh`) every attention kernel runs per device on its own rows and heads:
+  batch over the rule of "batch" (("data", "fsdp")) and heads over the rule of "kv_heads"
+  ("tensor"), query heads and key/value heads split alike so that query head i still reads kv
+  head i // (Hq / Hkv) locally. A split that does not divide (B by data x fsdp, Hkv by tensor)
+  is dropped, as `lola_jax.sharding.logical_to_spec` replicates such dimensions. Rows and heads
+  are independent in every kind's mixing, so the numbers equal the unsharded call's.
+
+  Args:
+    fn: the kernel call; args: its array arguments; in_axes / out_axes: their logical axes
+      (`lola_jax.sharding.shard_map_logical`); batch, kv_heads: B and Hkv.
+  """
+  mesh = sharding.mesh_in_use()
+  if mesh is None:
+    return fn(*args)
+  rules = sharding.free_rules(mesh)
+  split = sharding.logical_to_spec(("batch", "kv_heads"), (batch, kv_heads), mesh, rules)
+  table = (("batch", split[0]), ("heads", split[1]), ("kv_heads", split[1]))
+  return sharding.shard_map_logical(fn, args, in_axes, out_axes, mesh, table)
 
 
 class Attention(nnx.Module):
@@ -183,14 +217,22 @@ class LinearAttention(Attention):
     t = q.shape[1]
     valid = (jnp.arange(t)[None, :] < lengths[:, None]).astype(jnp.float32)  # [B, T]
     phi_k = self.phi_k(k) * valid[:, :, None, None]
-    y, (h, s) = linear_attention(
-      self.phi_q(q),
-      phi_k,
-      v,
-      chunk_size=min(c.lola.chunk_size, t),
-      initial_state=None if state is None else (state.h, state.s),
-      eps=c.linear_eps,
-      implementation=c.lola.implementation,
+
+    def mix(phi_q, phi_k, v, *initial):
+      return linear_attention(
+        phi_q, phi_k, v, chunk_size=min(c.lola.chunk_size, t), eps=c.linear_eps,
+        initial_state=initial or None, implementation=c.lola.implementation,
+      )  # fmt: skip
+
+    initial = () if state is None else (state.h, state.s)
+    state_axes = (("batch", "kv_heads", None, None), ("batch", "kv_heads", None))
+    y, (h, s) = kernel_call(
+      mix,
+      (self.phi_q(q), phi_k, v, *initial),
+      (Q_AXES, KV_AXES, KV_AXES, *state_axes[: len(initial)]),
+      (Q_AXES, state_axes),
+      batch=v.shape[0],
+      kv_heads=v.shape[2],
     )
     y = y.astype(v.dtype)
     if state is None:
@@ -224,10 +266,22 @@ class _WindowedAttention(Attention):
       dtype=c.compute_dtype,
     )
 
-  def fresh_forward(self, q, k, v, phi_q, phi_k, gate_logit) -> jax.Array:
-    """The training forward from an empty state (no state built): y [B, T, Hq, d]."""
+  def fresh_mix(self, q, k, v, phi_q, phi_k, gate_logit) -> jax.Array:
+    """The training forward's mixing from an empty state (no state built), on whatever rows and
+    heads it is given (`kernel_call`): y [B, T, Hq, d]."""
     config = self.config.lola_config
     return lola_prefill(q, k, v, phi_q, phi_k, gate_logit=gate_logit, config=config)[0]
+
+  def fresh_forward(self, q, k, v, phi_q, phi_k, gate_logit) -> jax.Array:
+    """The training forward from an empty state (no state built): y [B, T, Hq, d]."""
+    return kernel_call(
+      self.fresh_mix,
+      (q, k, v, phi_q, phi_k, gate_logit),
+      (Q_AXES, KV_AXES, KV_AXES, Q_AXES, KV_AXES, GATE_AXES),
+      Q_AXES,
+      batch=k.shape[0],
+      kv_heads=k.shape[2],
+    )
 
   def attend(self, q, k, v, positions, state, lengths, *, decode: bool, prior):
     del positions
@@ -240,10 +294,24 @@ class _WindowedAttention(Attention):
       return y[:, None], state
     if state is None:
       return self.fresh_forward(q, k, v, phi_q, phi_k, gate_logit), None
-    return lola_prefill(
-      q, k, v, phi_q, phi_k, gate_logit=gate_logit, config=config, state=state, lengths=lengths,
-      **below,
-    )  # fmt: skip
+
+    def mix(q, k, v, phi_q, phi_k, gate_logit, state, lengths, *prior):
+      below = {"prior_positions": prior[0]} if prior else {}
+      return lola_prefill(
+        q, k, v, phi_q, phi_k, gate_logit=gate_logit, config=config, state=state,
+        lengths=lengths, **below,
+      )  # fmt: skip
+
+    prior_args = () if prior is None else (prior,)
+    return kernel_call(
+      mix,
+      (q, k, v, phi_q, phi_k, gate_logit, state, lengths, *prior_args),
+      (Q_AXES, KV_AXES, KV_AXES, Q_AXES, KV_AXES, GATE_AXES, self.state_axes(state), ROW_AXES)
+      + (PRIOR_AXES,) * len(prior_args),
+      (Q_AXES, self.state_axes(state)),
+      batch=k.shape[0],
+      kv_heads=k.shape[2],
+    )
 
 
 class HybridAttention(_WindowedAttention):
@@ -257,10 +325,10 @@ class HybridAttention(_WindowedAttention):
   def lola_config(cls, config):
     return dataclasses.replace(config.lola, cache_size=0)
 
-  def fresh_forward(self, q, k, v, phi_q, phi_k, gate_logit) -> jax.Array:
+  def fresh_mix(self, q, k, v, phi_q, phi_k, gate_logit) -> jax.Array:
     lola = self.config.lola
     if lola.implementation == "reference":
-      return super().fresh_forward(q, k, v, phi_q, phi_k, gate_logit)
+      return super().fresh_mix(q, k, v, phi_q, phi_k, gate_logit)
     return hybrid_attention(
       q,
       k,

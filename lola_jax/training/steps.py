@@ -143,12 +143,18 @@ def eval_step(config, params, batch, *, kind="lm"):
 def jit_train_step(
   config, tx, mesh, param_sh, opt_sh, *, kind="lm", accum=1, mask=None
 ) -> Callable:
-  """`train_step` under `jax.jit` with explicit in/out shardings (pjit); donates the state."""
+  """`train_step` under `jax.jit` with explicit in/out shardings (pjit); donates the state.
+
+  The step is traced with `mesh` in use (`jax.sharding.use_abstract_mesh`), so the model's
+  attention kernels run inside `jax.shard_map` over its batch and head axes
+  (`lola_jax.model.attention.kernel_call`): Pallas kernels cannot be partitioned by XLA.
+  """
   batch_sh = sharding_lib.batch_sharding(mesh)
   rep = sharding_lib.replicated(mesh)
 
   def step(params, opt_state, batch):
-    return train_step(config, tx, params, opt_state, batch, kind=kind, accum=accum, mask=mask)
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # the kernels' shard_map reads it
+      return train_step(config, tx, params, opt_state, batch, kind=kind, accum=accum, mask=mask)
 
   return jax.jit(
     step,
@@ -159,9 +165,14 @@ def jit_train_step(
 
 
 def jit_eval_step(config, mesh, param_sh, *, kind="lm") -> Callable:
-  """`eval_step` under `jax.jit` with explicit shardings."""
+  """`eval_step` under `jax.jit` with explicit shardings (the mesh in use while tracing)."""
+
+  def step(params, batch):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return eval_step(config, params, batch, kind=kind)
+
   return jax.jit(
-    lambda params, batch: eval_step(config, params, batch, kind=kind),
+    step,
     in_shardings=(param_sh, sharding_lib.batch_sharding(mesh)),
     out_shardings=sharding_lib.replicated(mesh),
   )
