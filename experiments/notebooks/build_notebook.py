@@ -3,7 +3,7 @@
   .venv/bin/python experiments/notebooks/build_notebook.py
 
 Edit the cells here, rerun, commit both files. tests/experiments/test_notebook.py executes the
-.ipynb with PRESET = "tiny" on CPU.
+.ipynb as committed on CPU (PRESET = "auto" picks "tiny" there).
 """
 
 from __future__ import annotations
@@ -42,17 +42,18 @@ This notebook runs [lola-jax](../../README.md) end to end on whatever accelerato
 6. a short prefill/decode benchmark on the device.
 
 **Runtime.** It expects a Colab **TPU** runtime (*Runtime > Change runtime type > TPU*: v2-8 or
-v5e). On a CPU or GPU runtime it says so and carries on (slower); with `PRESET = "tiny"` every cell
-finishes on a laptop CPU in a few minutes, which is what the project's test
-(`tests/experiments/test_notebook.py`) runs.
+v5e). On a CPU or GPU runtime it says so and carries on. `PRESET = "auto"` (the default) picks the
+full run on a TPU or GPU and the small one on CPU, where the whole notebook finishes in a few
+minutes: that is what the project's test (`tests/experiments/test_notebook.py`) runs, as
+committed.
 """
 )
 
 code(
   """
 # Parameters (papermill convention: this cell is tagged "parameters"; a runner may override them).
-PRESET = "colab"  # "colab": TPU-sized run (demo recall preset); "tiny": CPU smoke test (CI)
-REPO_URL = "git+https://github.com/YOUR_ORG/lola-jax.git"  # placeholder: where to pip-install from
+PRESET = "auto"  # "auto": "colab" on a TPU or GPU, "tiny" on CPU; or force "colab" / "tiny"
+REPO_URL = "https://github.com/YOUR_ORG/lola-jax.git"  # placeholder: `git clone` address of the repo
 WORKDIR = "lola_runs"  # checkpoints, metrics.jsonl, figures, report.md
 CPU_DEVICES = 4  # simulated CPU devices when no accelerator is found (exercises the sharded path)
 """,
@@ -63,11 +64,13 @@ md(
   """
 ## Setup: install the project, check the backend
 
-If `lola_jax` is not importable yet, the next cell installs it: from a copy of the repository
-uploaded or cloned into `./lola-jax` (or an uploaded `lola-jax*.zip`), else from `REPO_URL`
-(replace the placeholder with the repository's address). On a TPU runtime it first installs
-`jax[tpu]` so JAX and libtpu match. It never stops the notebook: a failed install or a missing TPU
-is reported and the notebook falls back to what it has.
+If `lola_jax` is not importable yet, the next cell installs it from a copy of the repository:
+one uploaded or cloned into `./lola-jax` (or an uploaded `lola-jax*.zip`), else a `git clone` of
+`REPO_URL` (replace the placeholder with the repository's address). It installs the repository's
+pinned `requirements.txt` together with the matching `jax[tpu]` (TPU) or `jax[cuda12]` (GPU) in
+one `pip` call, so the set is the one the project is tested with, then the project itself without
+dependencies. Before JAX starts, a subprocess checks that the default backend comes up; if it does
+not (say, a TPU runtime whose libtpu does not match), the notebook runs on CPU and says so.
 """
 )
 
@@ -77,10 +80,13 @@ import glob
 import importlib
 import importlib.util
 import os
+import re
+import shutil
 import subprocess
 import sys
 import zipfile
 
+PLACEHOLDER = "YOUR_ORG"
 # Simulated CPU devices must be requested before JAX starts (TPU and GPU backends ignore it).
 if CPU_DEVICES and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (
@@ -88,45 +94,81 @@ if CPU_DEVICES and "xla_force_host_platform_device_count" not in os.environ.get(
   ).strip()
 
 
-def pip_install(*args):
-  print("$ pip install", " ".join(args), flush=True)
-  proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", *args])
-  if proc.returncode:
-    print(f"pip install exited with {proc.returncode} (see above); continuing", flush=True)
-  return proc.returncode == 0
+def run(*argv):
+  print("$", " ".join(argv), flush=True)
+  return subprocess.run(argv).returncode == 0
+
+
+def pinned_version(requirements, name):
+  \"\"\"The version `name==X` pinned in a requirements file.\"\"\"
+  with open(requirements) as f:
+    for line in f:
+      m = re.match(rf"\\s*{re.escape(name)}==([^\\s#;]+)", line)
+      if m:
+        return m.group(1)
+  raise ValueError(f"{requirements} pins no version of {name!r}")
+
+
+def local_copy():
+  for archive in glob.glob("lola-jax*.zip") + glob.glob("/content/lola-jax*.zip"):
+    print(f"unpacking {archive}", flush=True)
+    zipfile.ZipFile(archive).extractall(".")
+  for p in ["lola-jax", "/content/lola-jax", *sorted(glob.glob("lola-jax-*"))]:
+    if os.path.exists(os.path.join(p, "requirements.txt")):
+      return os.path.abspath(p)
+  return None
 
 
 if importlib.util.find_spec("lola_jax") is None:
+  repo = local_copy()
+  if repo is None and PLACEHOLDER in REPO_URL:
+    raise RuntimeError(
+      f"lola_jax is not installed, no copy of the repository was found in {os.getcwd()!r} "
+      f"(./lola-jax, /content/lola-jax or an uploaded lola-jax*.zip), and REPO_URL is still the "
+      f"placeholder {REPO_URL!r}. Either set REPO_URL in the parameters cell to the repository's "
+      "git address, or upload the repository as lola-jax.zip (Files pane; `git archive "
+      "--prefix=lola-jax/ -o lola-jax.zip HEAD` makes one), then run this cell again."
+    )
+  if repo is None:
+    if not run("git", "clone", "--depth=1", REPO_URL, "lola-jax"):
+      raise RuntimeError(f"git clone {REPO_URL} failed (see above): check REPO_URL")
+    repo = os.path.abspath("lola-jax")
+  requirements = os.path.join(repo, "requirements.txt")
+  jax_version = pinned_version(requirements, "jax")
   looks_like_tpu = bool(
     os.environ.get("COLAB_TPU_ADDR") or os.environ.get("TPU_NAME") or glob.glob("/dev/accel*")
     or glob.glob("/dev/vfio/[0-9]*")
   )
-  for archive in glob.glob("lola-jax*.zip") + glob.glob("/content/lola-jax*.zip"):
-    print(f"unpacking {archive}", flush=True)
-    zipfile.ZipFile(archive).extractall(".")
-  local = [
-    os.path.dirname(p)
-    for p in ["lola-jax/pyproject.toml", "/content/lola-jax/pyproject.toml"]
-    + glob.glob("lola-jax-*/pyproject.toml")
-    if os.path.exists(p)
-  ]
-  if looks_like_tpu:
-    pip_install("-U", "jax[tpu]>=0.10")
-  pip_install(local[0] if local else REPO_URL)
+  extra = []
+  if looks_like_tpu:  # jax[tpu]==<pin> brings the libtpu that jax version was released with
+    extra = [f"jax[tpu]=={jax_version}"]
+  elif shutil.which("nvidia-smi"):
+    extra = [f"jax[cuda12]=={jax_version}"]
+  # One resolver call: the pinned project set and the accelerator's jax extra together.
+  if not run(sys.executable, "-m", "pip", "install", "-q", "-r", requirements, *extra):
+    raise RuntimeError("pip could not install the pinned requirements (see above)")
+  if not run(sys.executable, "-m", "pip", "install", "-q", "--no-deps", "-e", repo):
+    raise RuntimeError(f"pip could not install {repo} (see above)")
+  sys.path.insert(0, repo)  # an editable install's path hook is read at start-up only
   importlib.invalidate_caches()
-  if importlib.util.find_spec("lola_jax") is None:
-    print("lola_jax is still not importable: set REPO_URL or upload the repository, then rerun.")
 else:
   print("lola_jax is already importable: skipping the install.")
 
+# Does the default backend come up? Asked in a subprocess, because a JAX whose backend failed
+# to start cannot switch platforms afterwards in the same process.
+if "jax" not in sys.modules and os.environ.get("JAX_PLATFORMS", "") != "cpu":
+  probe = subprocess.run(
+    [sys.executable, "-c", "import jax; print(jax.devices()[0].platform)"],
+    capture_output=True, text=True,
+  )
+  if probe.returncode:
+    reason = (probe.stderr.strip().splitlines() or ["no message"])[-1]
+    print(f"JAX could not start its default backend ({reason[:300]}); falling back to CPU.")
+    os.environ["JAX_PLATFORMS"] = "cpu"
+
 import jax  # noqa: E402
 
-try:
-  devices = jax.devices()
-except RuntimeError as e:  # e.g. a TPU runtime whose libtpu does not match: fall back to CPU
-  print(f"JAX could not start its default backend ({e}); falling back to CPU.")
-  jax.config.update("jax_platforms", "cpu")
-  devices = jax.devices()
+devices = jax.devices()
 BACKEND = jax.default_backend()
 print(f"JAX {jax.__version__}: backend {BACKEND!r}, {len(devices)} device(s) of kind "
       f"{devices[0].device_kind!r}, {jax.process_count()} process(es)")
@@ -134,8 +176,10 @@ if BACKEND == "tpu":
   print("TPU runtime found: training is sharded over all of its cores.")
 else:
   print(f"This notebook expects a Colab TPU runtime (v2-8 or v5e). Running on {BACKEND} instead: "
-        "every cell still runs, more slowly" + (" (try PRESET = 'tiny')." if PRESET != "tiny"
-                                               else "."))
+        "every cell still runs, more slowly.")
+if PRESET == "auto":  # the full run on an accelerator, the few-minute one on CPU
+  PRESET = "tiny" if BACKEND == "cpu" else "colab"
+  print(f"PRESET 'auto' -> {PRESET!r} on backend {BACKEND!r}")
 """,
 )
 

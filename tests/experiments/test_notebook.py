@@ -1,4 +1,4 @@
-"""Executes experiments/notebooks/lola_tpu_colab.ipynb with PRESET = "tiny" on CPU (slow).
+"""The Colab notebook: its setup cell (default suite) and a run as committed on CPU (slow).
 
 The kernel is this interpreter (sys.executable): a kernelspec for it is installed into a
 temporary directory that JUPYTER_PATH points at, so no manual `ipykernel install` is needed.
@@ -7,6 +7,8 @@ tagged "parameters".
 """
 
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -39,9 +41,56 @@ def test_committed_notebook_is_clean_and_parameterised():
     "commit the notebook with outputs cleared (experiments/notebooks/build_notebook.py)"
   )
   params = [c for c in code if "parameters" in c.metadata.get("tags", [])]
-  assert len(params) == 1 and 'PRESET = "colab"' in params[0].source
+  assert len(params) == 1 and 'PRESET = "auto"' in params[0].source
   setup = code[1].source  # the first cell after the parameters installs and checks the backend
   assert 'find_spec("lola_jax")' in setup and "jax.devices()" in setup
+
+
+def _setup_script():
+  """The parameters cell and the setup cell as one script."""
+  code = [c.source for c in _load().cells if c.cell_type == "code"]
+  return code[0] + "\n" + code[1]
+
+
+def _run_setup(tmp_path, *python_flags, **env_changes):
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+  env.update(env_changes)
+  return subprocess.run(
+    [sys.executable, *python_flags, "-c", _setup_script()],
+    cwd=tmp_path,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+
+
+def test_setup_falls_back_to_cpu_when_the_default_backend_fails(tmp_path):
+  # JAX_PLATFORMS=tpu on a machine without a TPU: the backend cannot start, as on a TPU runtime
+  # whose libtpu does not match. The cell must notice before importing JAX and run on CPU.
+  proc = _run_setup(tmp_path, JAX_PLATFORMS="tpu", PYTHONPATH=ROOT)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "could not start its default backend" in proc.stdout, proc.stdout
+  assert "falling back to CPU" in proc.stdout
+  assert "backend 'cpu', 4 device(s)" in proc.stdout
+  assert "PRESET 'auto' -> 'tiny' on backend 'cpu'" in proc.stdout
+
+
+def test_setup_explains_the_placeholder_repo_url(tmp_path):
+  # -S: no site-packages, so lola_jax is not importable, and no copy of the repository is in
+  # the working directory: the cell must stop with a message naming the placeholder and the
+  # alternatives, before any pip or git call.
+  proc = _run_setup(tmp_path, "-S", "-I")
+  assert proc.returncode != 0
+  assert "RuntimeError" in proc.stderr and "REPO_URL is still the placeholder" in proc.stderr
+  assert "lola-jax.zip" in proc.stderr
+  assert "$ " not in proc.stdout  # nothing was run
+
+
+def test_setup_pins_the_install_to_the_repositorys_requirements():
+  script = _setup_script()
+  assert 'pinned_version(requirements, "jax")' in script
+  assert "jax[tpu]>=" not in script and "-U" not in script.split()
 
 
 def _text(outputs):
@@ -67,7 +116,8 @@ def test_notebook_runs_tiny_preset_on_cpu(tmp_path, monkeypatch):
   monkeypatch.delenv("XLA_FLAGS", raising=False)
   monkeypatch.setenv("PYTHONPATH", ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
 
-  nb = inject_parameters(_load(), PRESET="tiny", WORKDIR=str(tmp_path / "runs"), CPU_DEVICES=4)
+  # As committed (PRESET = "auto"), only the output directory and the device count set.
+  nb = inject_parameters(_load(), WORKDIR=str(tmp_path / "runs"), CPU_DEVICES=4)
   client = NotebookClient(
     nb,
     kernel_name=KERNEL,
@@ -89,6 +139,7 @@ def test_notebook_runs_tiny_preset_on_cpu(tmp_path, monkeypatch):
   assert "lola_jax is already importable" in text
   assert "backend 'cpu', 4 device(s)" in text
   assert "This notebook expects a Colab TPU runtime" in text
+  assert "PRESET 'auto' -> 'tiny' on backend 'cpu'" in text
   assert "mesh {'data': 2, 'fsdp': 2, 'tensor': 1} over 4 device(s)" in text
   assert "Pass-key exact-match accuracy" in text
   assert (
