@@ -187,6 +187,59 @@ def profile_parts(t, lam, repeats):
   return out
 
 
+def profile_decode(pos, lam, repeats):
+  """Milliseconds of one decode token, split into its parts (from a state after a `pos`-token
+  prefill, `pos` a multiple of C, so the chunk buffer starts empty):
+
+    in-chunk step   a jitted scan of C - 1 tokens (no chunk completes), per token: the logits
+                    over [cache; window; chunk so far], the linear read-out, the mix, the token
+                    written into the chunk buffer;
+    chunk-end update  a scan of C tokens minus the scan of C - 1 and one in-chunk step: the
+                    sparse-cache update the C-th token triggers (self-recall scoring, top-L,
+                    absorption, compaction, window roll); per token it is this / C;
+    call overhead   one `lola_decode` call from Python (input checks, dispatch, the transfer
+                    of the outputs) minus an in-chunk step; the jitted generation loop has none;
+    stream state    one jitted pass over arrays of the state's size (inside a loop), the floor.
+  """
+  config = LoLAConfig(chunk_size=CHUNK, cache_size=lam)
+  *seq, gate = _inputs(pos + CHUNK, seed=1)
+  _, state0 = lola_prefill(*(x[:, :pos] for x in seq), gate, config=config)
+  xs = tuple(jnp.moveaxis(x[:, pos : pos + CHUNK], 1, 0) for x in seq)
+
+  @jax.jit
+  def loop(st, xs):
+    def body(s, x):
+      y, s = lola_decode(*x, gate, config=config, state=s)
+      return s, y
+
+    return jax.lax.scan(body, st, xs)
+
+  def loop_seconds(n):
+    sub = tuple(x[:n] for x in xs)
+    return _median_time(lambda: loop(state0, sub), repeats)
+
+  before_end = loop_seconds(CHUNK - 1)
+  in_chunk = before_end / (CHUNK - 1)
+  # The C-th token: its step plus the update (a difference of two medians: noisy, floored at 0).
+  chunk_end = max(loop_seconds(CHUNK) - before_end - in_chunk, 0.0)
+  first = tuple(x[0] for x in xs)
+  single = _median_time(
+    lambda: lola_decode(*first, gate, config=config, state=state0), max(repeats, 20)
+  )
+  _, stream = _stream_seconds(state0, repeats)
+  return {
+    "in-chunk step (attention over cache + window + chunk, read-out, write)": in_chunk * 1e3,
+    "chunk-end update, once per C tokens": chunk_end * 1e3,
+    "chunk-end update per token (/ C)": chunk_end / CHUNK * 1e3,
+    "generation-loop token (in-chunk + update / C)": (in_chunk + chunk_end / CHUNK) * 1e3,
+    "call overhead of one lola_decode from Python (validation, dispatch)": max(
+      single - in_chunk, 0.0
+    )
+    * 1e3,
+    "stream the state once (yardstick)": stream * 1e3,
+  }
+
+
 def bench_prefill(t, caches, repeats):
   inputs = _inputs(t)
   rows = []
@@ -389,10 +442,23 @@ def main(argv):
     return
   if _PROFILE.value:
     t = 1024 if _QUICK.value else 8192
+    prof = dict(machine=f"{platform.machine()}, {os.cpu_count()} cores", jax=jax.__version__)
+    prof["prefill"], prof["decode"] = {}, {}
     for lam in [0, 64] if _QUICK.value else [0, 64, 256]:
-      print(f"T={t} cache={lam}, ms per prefill (scans over the chunks):")
-      for name, ms in profile_parts(t, lam, _REPEATS.value).items():
-        print(f"  {ms:9.1f}  {name}")
+      print(f"T={t} cache={lam}, ms per prefill (scans over the chunks):", flush=True)
+      parts = prof["prefill"][f"T={t} cache={lam}"] = profile_parts(t, lam, _REPEATS.value)
+      for name, ms in parts.items():
+        print(f"  {ms:9.2f}  {name}", flush=True)
+    for lam in [64] if _QUICK.value else [64, 256]:
+      print(f"decode at position {t}, cache={lam}, ms:", flush=True)
+      parts = prof["decode"][f"position={t} cache={lam}"] = profile_decode(t, lam, _REPEATS.value)
+      for name, ms in parts.items():
+        print(f"  {ms:9.3f}  {name}", flush=True)
+    if _OUT.value:
+      path = os.path.splitext(_OUT.value)[0] + "_profile.json"
+      with open(path, "w") as f:
+        json.dump(prof, f, indent=1)
+      print(f"wrote {path}")
     return
   if _QUICK.value:
     seq_lens, caches, positions, dcaches, steps, repeats = [1024], [0, 64], [1024], [64], 16, 1
