@@ -130,6 +130,7 @@ def test_bad_input_raises():
     hybrid_attention(q, k, v, pq, pk, g, mix="sum")
 
 
+@pytest.mark.slow  # Triton lowering is checked in the default suite by test_kernels_export
 @pytest.mark.parametrize("mix", ["gated", "lolcats"])
 def test_triton_smoke(mix):
   """The chunk-parallel Triton family interpreted on CPU (its full class run is slow), with a

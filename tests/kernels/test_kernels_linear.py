@@ -150,6 +150,7 @@ def test_block_sizes_validated():
   assert BlockSizes.for_target("pallas_triton").pow2
 
 
+@pytest.mark.slow  # Triton lowering is checked in the default suite by test_kernels_export
 def test_triton_smoke():
   """The chunk-parallel Triton family interpreted on CPU (its full class run is slow): forward
   vs float64 and gradients vs XLA on one GQA case with T % C != 0 and an initial state."""

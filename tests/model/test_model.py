@@ -118,6 +118,7 @@ def test_lola_with_large_cache_equals_softmax():
   assert float(jnp.max(jnp.abs(hybrid(toks) - soft(toks)))) > 1e-3
 
 
+@pytest.mark.slow  # about a minute on 2 cores
 def test_layer_cache_sizes_give_each_layer_its_own_cache():
   """Cache 0 in layer 0 and a cache holding every token in layer 1 must be the LoLCATs hybrid in
   layer 0 followed by exact softmax attention in layer 1 (the spec's two limits), composed here
@@ -143,6 +144,7 @@ def test_layer_cache_sizes_give_each_layer_its_own_cache():
   assert tiny(layer_cache_sizes=[1, 2]).layer_cache_sizes == (1, 2)
 
 
+@pytest.mark.slow  # sre_below prefill == decode stays in the default suite (tests/core)
 def test_sre_below_stacks_selection_exactly_across_prefill_and_decode():
   """With policy "sre_below" each layer ranks first what the layer below holds. The prefill path
   (C-token segments through all layers) and token-by-token decode (priors from each step) must

@@ -144,6 +144,7 @@ def _check_meshes(out, kind):
   assert out[f"{kind}/(1, 2, 4)"]["embedding_spec"] == str(spec("tensor", "fsdp"))
 
 
+@pytest.mark.slow  # the default suite lowers the sharded step in test_sharded_export
 def test_one_step_loss_equal_under_all_meshes_softmax():
   out = _run_child(["softmax"])
   assert "train.batch_size" in out["errors"]["batch"]
