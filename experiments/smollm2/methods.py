@@ -1,16 +1,18 @@
 """The rows of the real-model evaluation: which attention, window, cache and policy each runs.
 
-Byte accounting for equal-memory comparisons (per layer and kv head, float32, head dim d, feature
-width D): a LoLA state holds a window of up to 2C keys and values (4 C d floats), L cached pairs
-with their mapped keys (L (2d + D)) and the linear state (D d + D). A hybrid whose window has the
-same bytes as LoLA's window plus cache has chunk C' = C + L (2d + D) / (4 d): for SmolLM2
-(d = 64, D = 128), C = 64 and L = 64 give C' = 128.
+Byte accounting for equal-memory comparisons is `lola_jax.evaluation.memory` (what `LoLAState`
+holds, per layer and kv head, float32, head dim d, feature width D): a window buffer of 2C tokens
+with their keys, values and mapped keys (2C (2d + D)), L cached pairs with the same three and a
+position (L (2d + D) + L int32) and the linear state (D d + D). A hybrid with LoLA's bytes has
+C' ~ C + L / 2 windowed tokens per chunk, a little less for the positions: for SmolLM2 (d = 64,
+D = 128), C = 64 and L = 64 give C' = 95 (`memory.equal_memory_chunk`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+from lola_jax.evaluation import memory
 from lola_jax.model import ModelConfig
 
 POLICIES = ("sre", "recency", "sre_below", "energy")
@@ -44,17 +46,24 @@ class Method:
     return base.replace(attention=self.attention, lola=lola)
 
 
-def equal_bytes_chunk(chunk: int, cache: int, head_dim: int, phi_dim: int) -> int:
-  """C' of a hybrid whose window holds as many bytes as LoLA's window plus cache."""
-  extra = cache * (2 * head_dim + phi_dim)
-  if extra % (4 * head_dim):
-    raise ValueError(f"cache {cache} has no whole-chunk equal-bytes window (d={head_dim})")
-  return chunk + extra // (4 * head_dim)
+def segment_for(m: Method, segment: int) -> int:
+  """The prefill segment of row `m`: `segment` rounded down to a multiple of its chunk (at least
+  one chunk); the state carries everything between segments, so scores do not depend on it."""
+  if m.attention == "softmax":
+    return segment
+  return max(segment // m.chunk_size, 1) * m.chunk_size
 
 
 def all_methods(base: ModelConfig, chunk: int = 64) -> dict[str, Method]:
   """Every row: teacher, hybrid, hybrid with LoLA-64's bytes, LoLA {16, 64, 256} x policies."""
-  wide = equal_bytes_chunk(chunk, 64, base.head_dim, base.phi_dim)
+  wide = memory.equal_memory_chunk(
+    chunk_size=chunk,
+    cache_size=64,
+    key_dim=base.head_dim,
+    value_dim=base.head_dim,
+    feature_dim=base.phi_dim,
+    kv_dtype=base.dtype,
+  )
   rows = [
     Method("teacher", "teacher (full KV)", "softmax"),
     Method("hybrid", f"hybrid C{chunk} (cache 0)", "hybrid", chunk),

@@ -88,7 +88,9 @@ flags.DEFINE_list("tasks", None, "passkey and/or niah (default: the preset's).")
 flags.DEFINE_integer("prompts", None, "Prompts per (task, context) (default: the preset's).")
 flags.DEFINE_integer("depths", None, "Distinct needle depths (default: the preset's).")
 flags.DEFINE_string("feature_maps", None, "A feature-map file (default: the committed one).")
-flags.DEFINE_integer("segment", 512, "Prefill segment length (a multiple of every chunk).")
+flags.DEFINE_integer(
+  "segment", 512, "Prefill segment length (rounded down to a multiple of each row's chunk)."
+)
 flags.DEFINE_integer("seed", 0, "Prompt seed.")
 flags.DEFINE_integer("perplexity_tokens", 16384, "Held-out tokens per (row, window length).")
 flags.DEFINE_list("perplexity_lengths", ["1024", "4096"], "Perplexity window lengths.")
@@ -144,7 +146,9 @@ def run_recall(base, params, tokenizer, rows, tasks, contexts, prompts, depths, 
       model = model_lib.bind(m.model_config(base), params)
       depth = float(depth_grid[i % len(depth_grid)])
       prompt = subword_retrieval.prompt(tokenizer, task, ctx, depth, FLAGS.seed, index=i)
-      score = lm_scoring.score_prompt(model, tokenizer, prompt, segment=FLAGS.segment)
+      score = lm_scoring.score_prompt(
+        model, tokenizer, prompt, segment=methods_lib.segment_for(m, FLAGS.segment)
+      )
       rec = {
         "method": m.name,
         "task": task,
@@ -228,7 +232,9 @@ def run_perplexity(base, params, tokenizer, rows, workdir, lengths=(1024, 4096),
         continue
       t0 = time.perf_counter()
       ppl = lm_scoring.perplexity(
-        model_lib.bind(m.model_config(base), params), windows, segment=FLAGS.segment
+        model_lib.bind(m.model_config(base), params),
+        windows,
+        segment=methods_lib.segment_for(m, FLAGS.segment),
       )
       results.append(
         {
@@ -254,7 +260,9 @@ def run_decode(base, params, rows, workdir, contexts=(1024, 8192)):
       if (m.name, ctx) in have:
         continue
       r = lm_scoring.decode_latency(
-        model_lib.bind(m.model_config(base), params), ctx, segment=FLAGS.segment
+        model_lib.bind(m.model_config(base), params),
+        ctx,
+        segment=methods_lib.segment_for(m, FLAGS.segment),
       )
       results.append({"method": m.name, "label": m.label, **r})
       print(

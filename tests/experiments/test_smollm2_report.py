@@ -3,10 +3,14 @@ and the cache probe's held shares (synthetic inputs; the real model runs in the 
 
 import types
 
+import jax
+import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from experiments.smollm2 import methods, probe, report
+from lola_jax import generate
+from lola_jax import model as model_lib
+from lola_jax.model import ModelConfig
 
 
 def _cells():
@@ -71,13 +75,32 @@ def test_figures_and_table(tmp_path):
   assert (tmp_path / "depths.png").stat().st_size > 1000
 
 
-def test_equal_bytes_window_matches_the_state_accounting():
-  # LoLA window 2C pairs (k, v) + L cached (k, v, phi k); a hybrid window of 2C' pairs.
-  d, big_d, c, cache = 64, 128, 64, 64
-  wide = methods.equal_bytes_chunk(c, cache, d, big_d)
-  assert 2 * wide * 2 * d == 2 * c * 2 * d + cache * (2 * d + big_d)
-  with pytest.raises(ValueError, match="cache 1 has no whole-chunk"):
-    methods.equal_bytes_chunk(c, 1, d, 96)  # 224 bytes/4 of extra: not a whole chunk row
+def test_equal_bytes_window_holds_lolas_bytes_in_the_decode_state():
+  # The hybrid_wide row against the state the model really builds (generate.state_bytes of a
+  # prefilled decode state), not against the formula that chose it.
+  base = ModelConfig(
+    vocab_size=32, num_layers=1, d_model=32, num_heads=2, num_kv_heads=1, head_dim=16, mlp_dim=32
+  )
+  rows = methods.all_methods(base, chunk=8)
+  wide, lola = rows["hybrid_wide"], rows["lola64_sre"]
+  assert wide.cache_size == 0 and wide.chunk_size > 8
+
+  def measured(m):
+    config = m.model_config(base)
+    params = model_lib.init_params(config, jax.random.PRNGKey(0))
+    _, states = generate.prefill(config, params, jnp.ones((1, 4), jnp.int32), max_len=8)
+    return generate.state_bytes(states)
+
+  # Not above LoLA's bytes, and one more window token per chunk would be.
+  assert measured(wide) <= measured(lola)
+  over = methods.Method("over", "", "hybrid", wide.chunk_size + 1)
+  assert measured(over) > measured(lola)
+
+
+def test_segment_is_a_multiple_of_each_rows_chunk():
+  assert methods.segment_for(methods.Method("h", "", "hybrid", 95), 512) == 475
+  assert methods.segment_for(methods.Method("l", "", "lola", 64, 64), 512) == 512
+  assert methods.segment_for(methods.Method("w", "", "hybrid", 700), 512) == 700
 
 
 def test_probe_held_shares():
