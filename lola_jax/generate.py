@@ -38,6 +38,7 @@ per row with `fold_in(key, b)`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from collections.abc import Callable, Iterator, Sequence
@@ -135,10 +136,28 @@ def _row_keys(key: jax.Array | None, batch: int) -> jax.Array:
   return jax.vmap(lambda b: jax.random.fold_in(key, b))(jnp.arange(batch))
 
 
+def _mesh_of(state_sharding):
+  """Traces under the mesh of the states' shardings (`jax.sharding.use_abstract_mesh`), as the
+  trainer's steps do, so the model's attention kernels run inside `jax.shard_map` over it
+  (`lola_jax.model.attention.kernel_call`; Mosaic kernels cannot be partitioned by XLA). A null
+  context without shardings or with several meshes."""
+  if state_sharding is None:
+    return contextlib.nullcontext()
+  meshes = {
+    sh.mesh
+    for sh in jax.tree_util.tree_leaves(state_sharding.shardings)
+    if isinstance(sh, jax.sharding.NamedSharding)
+  }
+  if len(meshes) != 1:
+    return contextlib.nullcontext()
+  return jax.sharding.use_abstract_mesh(meshes.pop().abstract_mesh)
+
+
 @functools.partial(jax.jit, static_argnames=("config", "max_len", "state_sharding"))
 def _prefill(config, params, prompts, lengths, *, max_len, state_sharding=None):
   lm = model_lib.bind(config, params)
-  logits, states = lm.prefill(prompts, lengths, max_len=max_len)
+  with _mesh_of(state_sharding):
+    logits, states = lm.prefill(prompts, lengths, max_len=max_len)
   if state_sharding is not None:
     states = jax.lax.with_sharding_constraint(states, state_sharding.shardings)
   last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
@@ -154,7 +173,8 @@ def prefill(config, params, prompts, lengths=None, *, max_len=None, state_shardi
       `check_token_ids`); lengths: int [B] real tokens per row (default T).
     max_len: KV-cache slots of a fresh softmax state (default config.max_seq_len; the other
       kinds ignore it).
-    state_sharding: optional `StateSharding` constraint of the decode states.
+    state_sharding: optional `StateSharding` constraint of the decode states; the model is
+      traced under their mesh, so its attention kernels run inside `jax.shard_map` over it.
 
   Returns:
     (logits of each row's last real token float32 [B, V], per-layer states).
@@ -221,7 +241,8 @@ def decode_block(
     out = out.at[:, i].set(tok)
     count = count + (~done).astype(jnp.int32)
     done = done | jnp.any(tok[:, None] == stops[None, :], axis=-1)
-    logits, states = lm.decode(tok, states)
+    with _mesh_of(state_sharding):
+      logits, states = lm.decode(tok, states)
     return i + 1, out, constrain(states), logits.astype(jnp.float32), done, count
 
   out = jnp.full((b, block_size), pad_id, jnp.int32)
