@@ -27,9 +27,9 @@ import time
 import jax
 import numpy as np
 from absl import app, flags
-from matplotlib.figure import Figure
 
 from experiments.smollm2 import methods as methods_lib
+from experiments.smollm2.report import held_shares, key_positions, plot_held
 from lola_jax import model as model_lib
 from lola_jax import pretrained
 from lola_jax.data import subword_retrieval
@@ -47,57 +47,6 @@ flags.DEFINE_list("replot", None, "Only redraw probe.png in --workdir from these
 FLAGS = flags.FLAGS
 
 
-def key_positions(tokenizer, prompt) -> np.ndarray:
-  """int [K]: positions inside the needle whose token carries a digit of the key."""
-  span = range(prompt.needle_start, prompt.needle_end)
-  pos = [
-    t for t in span if any(ch.isdigit() for ch in tokenizer.decode([int(prompt.prompt_ids[t])]))
-  ]
-  if not pos:
-    raise ValueError(f"prompt at depth {prompt.depth}: no digit token in its needle span")
-  return np.asarray(pos)
-
-
-def held_shares(states, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """Per layer: shares of `positions` held in the sparse cache / the window (any kv head)."""
-  cached, windowed = [], []
-  for st in states:
-    slots = np.asarray(st.cache_positions[0])  # [Hkv, L]
-    cached.append(np.isin(positions, slots).mean())
-    # The window is the last complete chunk plus the current one (positions >= its start).
-    n = int(st.num_tokens[0])
-    c = st.window_k.shape[-2]
-    window_start = max(0, (n // c - 1) * c)
-    windowed.append((positions >= window_start).mean())
-  return np.asarray(cached), np.asarray(windowed)
-
-
-def plot(results: list[dict], path: str) -> str:
-  """Per layer, the share of the key's digits held exactly (sparse cache or window), per run."""
-  fig = Figure(figsize=(8, 4.2))
-  ax = fig.subplots()
-  for r in results:
-    kept = np.asarray(r["held"]) + np.asarray(r["window"])  # disjoint: cache or window
-    ax.plot(
-      np.arange(len(kept)),
-      kept,
-      marker="o",
-      markersize=3,
-      label=f"{r['policy']} cache {r['cache']} @ {r['context']} tok",
-    )
-  ax.set_xlabel("layer")
-  ax.set_ylabel("key's digit tokens kept exactly (cache or window)")
-  ax.set_ylim(-0.02, 1.02)
-  runs = sorted({(r["chunk"], r["cache"]) for r in results})
-  what = ", ".join(f"C{c} cache {n}" for c, n in runs)
-  ax.set_title(f"SmolLM2-135M, LoLA {what}: is the pass key kept exactly?")
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  return path
-
-
 def main(argv):
   del argv
   jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/lola_jax_xla"))
@@ -109,7 +58,7 @@ def main(argv):
   os.makedirs(FLAGS.workdir, exist_ok=True)
   if FLAGS.replot:
     results = [r for path in FLAGS.replot for r in json.load(open(path))]
-    print(f"wrote {plot(results, os.path.join(FLAGS.workdir, 'probe.png'))}")
+    print(f"wrote {plot_held(results, os.path.join(FLAGS.workdir, 'probe.png'))}")
     return
   base, params, tokenizer = pretrained.smollm2("softmax")
   depths = np.linspace(0.0, 1.0, FLAGS.prompts) if FLAGS.prompts > 1 else np.asarray([0.5])
@@ -150,7 +99,7 @@ def main(argv):
       )
       with open(os.path.join(FLAGS.workdir, "probe.json"), "w") as f:
         json.dump(results, f, indent=1)
-  print(f"wrote {plot(results, os.path.join(FLAGS.workdir, 'probe.png'))}")
+  print(f"wrote {plot_held(results, os.path.join(FLAGS.workdir, 'probe.png'))}")
 
 
 if __name__ == "__main__":

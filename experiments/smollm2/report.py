@@ -1,4 +1,5 @@
-"""Tables and the figure of the SmolLM2 evaluation (`recall.py`'s summary)."""
+"""Tables and figures of the SmolLM2 evaluation (`recall.py`'s summary) and the selection probe's
+measurements (`probe.py`). No flags here: binaries import it, and so do the tests."""
 
 from __future__ import annotations
 
@@ -112,3 +113,57 @@ def depth_cells(cells: list[dict], labels: dict[str, str]) -> list[dict]:
 def plot_depths(cells: list[dict], labels: dict[str, str], path: str, task="passkey") -> str:
   """Heat maps of teacher-forced accuracy over needle depth x context, one panel per method."""
   return plots.depth_heatmaps(depth_cells(cells, labels), path, task=task)
+
+
+# The selection probe's measurements (experiments/smollm2/probe.py).
+
+
+def key_positions(tokenizer, prompt) -> np.ndarray:
+  """int [K]: positions inside the needle whose token carries a digit of the key."""
+  span = range(prompt.needle_start, prompt.needle_end)
+  pos = [
+    t for t in span if any(ch.isdigit() for ch in tokenizer.decode([int(prompt.prompt_ids[t])]))
+  ]
+  if not pos:
+    raise ValueError(f"prompt at depth {prompt.depth}: no digit token in its needle span")
+  return np.asarray(pos)
+
+
+def held_shares(states, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Per layer: shares of `positions` held in the sparse cache / the window (any kv head)."""
+  cached, windowed = [], []
+  for st in states:
+    slots = np.asarray(st.cache_positions[0])  # [Hkv, L]
+    cached.append(np.isin(positions, slots).mean())
+    # The window is the last complete chunk plus the current one (positions >= its start).
+    n = int(st.num_tokens[0])
+    c = st.window_k.shape[-2]
+    window_start = max(0, (n // c - 1) * c)
+    windowed.append((positions >= window_start).mean())
+  return np.asarray(cached), np.asarray(windowed)
+
+
+def plot_held(results: list[dict], path: str) -> str:
+  """Per layer, the share of the key's digits held exactly (sparse cache or window), per run."""
+  fig = Figure(figsize=(8, 4.2))
+  ax = fig.subplots()
+  for r in results:
+    kept = np.asarray(r["held"]) + np.asarray(r["window"])  # disjoint: cache or window
+    ax.plot(
+      np.arange(len(kept)),
+      kept,
+      marker="o",
+      markersize=3,
+      label=f"{r['policy']} cache {r['cache']} @ {r['context']} tok",
+    )
+  ax.set_xlabel("layer")
+  ax.set_ylabel("key's digit tokens kept exactly (cache or window)")
+  ax.set_ylim(-0.02, 1.02)
+  runs = sorted({(r["chunk"], r["cache"]) for r in results})
+  what = ", ".join(f"C{c} cache {n}" for c, n in runs)
+  ax.set_title(f"SmolLM2-135M, LoLA {what}: is the pass key kept exactly?")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  return path

@@ -1,37 +1,55 @@
-"""experiments/benchmarks/bench_lola.py (make bench) runs end to end on a small grid (slow).
+"""experiments/benchmarks/bench_lola.py (make bench) runs end to end on its --quick grid (slow).
 
-No timing is asserted (the machine is shared): the rows exist, are finite and positive, the FLOP
-model counts what it says, and the report prints every row.
+Run as a user runs it (a subprocess: the binary defines absl flags that other binaries' tests
+define too). No timing is asserted (the machine is shared): the rows exist, are finite and
+positive, and the report prints every row.
 """
 
+import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 
-from experiments.benchmarks import bench_lola
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def test_prefill_flops_grow_with_the_cache():
-  # cache 0 has no cache logits and no scoring; every added cached pair adds work per chunk.
-  assert bench_lola.prefill_flops(1024, 0) < bench_lola.prefill_flops(1024, 64)
-  assert bench_lola.prefill_flops(2048, 64) == pytest.approx(2 * bench_lola.prefill_flops(1024, 64))
+def _bench(*args):
+  proc = subprocess.run(
+    [sys.executable, "-m", "experiments.benchmarks.bench_lola", "--quick", *args],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc.stdout
+
+
+def _positive(rows):
+  return all(math.isfinite(v) and v > 0 for r in rows for v in r.values() if isinstance(v, float))
 
 
 @pytest.mark.slow
-def test_bench_rows_and_report():
-  res = dict(machine="test", jax="x", baseline="", matmul_gflop_per_s=bench_lola.matmul_gflops(256))
-  res["prefill"] = bench_lola.bench_prefill(256, [0, 64], repeats=1)
-  res["decode"] = [bench_lola.bench_decode(128, 64, steps=8, repeats=1)]
-  for r in res["prefill"] + res["decode"]:
-    assert all(math.isfinite(v) and v > 0 for k, v in r.items() if isinstance(v, float)), r
-  assert [(r["T"], r["cache"]) for r in res["prefill"]] == [(256, 0), (256, 64)]
-  text = bench_lola.report(res)
-  assert text.count("\n| 256 |") == 2 and "\n| 128 | 64 |" in text
+def test_bench_rows_and_report(tmp_path):
+  out = tmp_path / "bench.json"
+  text = _bench(f"--out={out}")
+  res = json.loads(out.read_text())
+  assert [(r["T"], r["cache"]) for r in res["prefill"]] == [(1024, 0), (1024, 64)]
+  assert [(r["position"], r["cache"]) for r in res["decode"]] == [(1024, 64)]
+  assert _positive(res["prefill"]) and _positive(res["decode"]) and res["matmul_gflop_per_s"] > 0
+  assert text.count("\n| 1024 |") == 3  # two prefill rows, one decode row
 
 
 @pytest.mark.slow
-def test_decode_profile_parts():
-  parts = bench_lola.profile_decode(128, 64, repeats=1)
+def test_profile_writes_prefill_and_decode_parts(tmp_path):
+  out = tmp_path / "bench.json"
+  _bench("--profile", "--repeats=1", f"--out={out}")
+  prof = json.loads((tmp_path / "bench_profile.json").read_text())
+  assert set(prof["prefill"]) == {"T=1024 cache=0", "T=1024 cache=64"}
+  parts = prof["decode"]["position=1024 cache=64"]
   assert all(math.isfinite(v) and v >= 0 for v in parts.values())
   step = parts["in-chunk step (attention over cache + window + chunk, read-out, write)"]
   end = parts["chunk-end update per token (/ C)"]

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.smollm2 import methods, probe, report
+from experiments.smollm2 import methods, report
 from lola_jax import generate
 from lola_jax import model as model_lib
 from lola_jax.model import ModelConfig
@@ -114,6 +114,6 @@ def test_probe_held_shares():
 
   states = [state([[1, 5, -1], [7, 9, 11]]), state([[-1, -1, -1], [-1, -1, -1]])]
   positions = np.asarray([5, 6, 7, 17])
-  held, window = probe.held_shares(states, positions)
+  held, window = report.held_shares(states, positions)
   np.testing.assert_allclose(held, [0.5, 0.0])  # 5 and 7 cached (different heads)
   np.testing.assert_allclose(window, [0.25, 0.25])  # window = positions >= (20 // 4 - 1) * 4
