@@ -49,6 +49,8 @@ class Method:
 def segment_for(m: Method, segment: int) -> int:
   """The prefill segment of row `m`: `segment` rounded down to a multiple of its chunk (at least
   one chunk); the state carries everything between segments, so scores do not depend on it."""
+  if segment < 1:
+    raise ValueError(f"segment must be a positive number of tokens, got {segment}")
   if m.attention == "softmax":
     return segment
   return max(segment // m.chunk_size, 1) * m.chunk_size

@@ -6,6 +6,7 @@ import types
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from experiments.smollm2 import methods, report
 from lola_jax import generate
@@ -101,6 +102,8 @@ def test_segment_is_a_multiple_of_each_rows_chunk():
   assert methods.segment_for(methods.Method("h", "", "hybrid", 95), 512) == 475
   assert methods.segment_for(methods.Method("l", "", "lola", 64, 64), 512) == 512
   assert methods.segment_for(methods.Method("w", "", "hybrid", 700), 512) == 700
+  with pytest.raises(ValueError, match="segment must be a positive number of tokens, got 0"):
+    methods.segment_for(methods.Method("l", "", "lola", 64, 64), 0)
 
 
 def test_probe_held_shares():
