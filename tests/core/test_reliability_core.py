@@ -21,7 +21,7 @@ from core_helpers import make_inputs, rel_rms, time_step
 from lola_jax import LoLAConfig, lola_decode, lola_prefill, lola_reference
 from pallas_kernels import hybrid_attention, linear_attention, lola_chunk_step
 
-IMPLS = ["xla", "pallas"]
+IMPLS = ["xla", pytest.param("pallas", marks=pytest.mark.slow)]  # pallas: interpret mode, slow
 
 
 def _causal_softmax(q, k, v):

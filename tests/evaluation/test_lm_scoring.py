@@ -31,7 +31,7 @@ _KINDS = [
   pytest.param("softmax", "sre", marks=pytest.mark.slow),
   pytest.param("hybrid", "sre", marks=pytest.mark.slow),
   pytest.param("lola", "sre", marks=pytest.mark.slow),
-  ("lola", "sre_below"),  # the layer-wise runner's C-token stepping: in the fast suite
+  pytest.param("lola", "sre_below", marks=pytest.mark.slow),  # the layer-wise runner
 ]
 
 

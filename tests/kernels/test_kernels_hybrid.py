@@ -150,6 +150,7 @@ def test_triton_smoke(mix):
     assert_rel_rms(g, r, 1e-5, f"d{name}")
 
 
+@pytest.mark.slow  # the Mosaic interpreter; generic interpret mode stays in the default suite
 @pytest.mark.skipif(TPU_INTERPRET is None, reason="installed JAX has no pltpu.InterpretParams")
 def test_tpu_interpret_smoke():
   """The TPU kernels under the Mosaic-TPU interpreter (scratch carried across the chunk axis,

@@ -182,6 +182,7 @@ def test_pallas_means_the_local_family():
   assert resolve_implementation(None) == ("pallas_tpu" if on_tpu else "xla")
 
 
+@pytest.mark.slow  # the Mosaic interpreter; generic interpret mode stays in the default suite
 @pytest.mark.skipif(TPU_INTERPRET is None, reason="installed JAX has no pltpu.InterpretParams")
 def test_tpu_interpret_smoke():
   """Mosaic-TPU interpret mode: forward and gradients on one GQA case with T % C != 0."""

@@ -42,7 +42,9 @@ def _mask(params):
   return trainable_mask(_CONFIG, params, "feature_maps")
 
 
-@pytest.mark.parametrize(("kind", "accum"), [("distill", 1), ("lm", 2)])
+@pytest.mark.parametrize(
+  ("kind", "accum"), [pytest.param("distill", 1, marks=pytest.mark.slow), ("lm", 2)]
+)
 def test_masked_gradients_equal_full_autodiff(kind, accum):
   params = model_lib.init_params(_CONFIG, jax.random.key(0))
   batch, mask = _batch(), _mask(params)
