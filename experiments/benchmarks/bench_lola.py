@@ -187,6 +187,27 @@ def profile_parts(t, lam, repeats):
   return out
 
 
+def _decode_setup(pos, lam, steps):
+  """A state after a `pos`-token prefill, the next `steps` tokens' inputs (as single tokens and
+  stacked on a leading time axis) and one jitted `lax.scan` of `lola_decode` over such a stack."""
+  config = LoLAConfig(chunk_size=CHUNK, cache_size=lam)
+  *seq, gate = _inputs(pos + steps, seed=1)
+  _, state0 = lola_prefill(*(x[:, :pos] for x in seq), gate, config=config)
+  tokens = [tuple(x[:, pos + i] for x in seq) for i in range(steps)]
+  xs = tuple(jnp.moveaxis(x[:, pos : pos + steps], 1, 0) for x in seq)
+
+  @jax.jit
+  def loop(st, xs):
+    def body(s, x):
+      y, s = lola_decode(*x, gate, config=config, state=s)
+      return s, y
+
+    return jax.lax.scan(body, st, xs)
+
+  decode = functools.partial(lola_decode, config=config)
+  return state0, tokens, xs, gate, decode, loop
+
+
 def profile_decode(pos, lam, repeats):
   """Milliseconds of one decode token, split into its parts (from a state after a `pos`-token
   prefill, `pos` a multiple of C, so the chunk buffer starts empty):
@@ -201,18 +222,7 @@ def profile_decode(pos, lam, repeats):
                     of the outputs) minus an in-chunk step; the jitted generation loop has none;
     stream state    one jitted pass over arrays of the state's size (inside a loop), the floor.
   """
-  config = LoLAConfig(chunk_size=CHUNK, cache_size=lam)
-  *seq, gate = _inputs(pos + CHUNK, seed=1)
-  _, state0 = lola_prefill(*(x[:, :pos] for x in seq), gate, config=config)
-  xs = tuple(jnp.moveaxis(x[:, pos : pos + CHUNK], 1, 0) for x in seq)
-
-  @jax.jit
-  def loop(st, xs):
-    def body(s, x):
-      y, s = lola_decode(*x, gate, config=config, state=s)
-      return s, y
-
-    return jax.lax.scan(body, st, xs)
+  state0, tokens, xs, gate, decode, loop = _decode_setup(pos, lam, CHUNK)
 
   def loop_seconds(n):
     sub = tuple(x[:n] for x in xs)
@@ -222,10 +232,7 @@ def profile_decode(pos, lam, repeats):
   in_chunk = before_end / (CHUNK - 1)
   # The C-th token: its step plus the update (a difference of two medians: noisy, floored at 0).
   chunk_end = max(loop_seconds(CHUNK) - before_end - in_chunk, 0.0)
-  first = tuple(x[0] for x in xs)
-  single = _median_time(
-    lambda: lola_decode(*first, gate, config=config, state=state0), max(repeats, 20)
-  )
+  single = _median_time(lambda: decode(*tokens[0], gate, state=state0), max(repeats, 20))
   _, stream = _stream_seconds(state0, repeats)
   return {
     "in-chunk step (attention over cache + window + chunk, read-out, write)": in_chunk * 1e3,
@@ -273,28 +280,14 @@ def _stream_seconds(state, repeats):
 
 
 def bench_decode(pos, lam, steps, repeats):
-  config = LoLAConfig(chunk_size=CHUNK, cache_size=lam)
-  inputs = _inputs(pos + steps, seed=1)
-  *seq, gate = inputs
-  _, state0 = lola_prefill(*(x[:, :pos] for x in seq), gate, config=config)
-  tokens = [tuple(x[:, pos + i] for x in seq) for i in range(steps)]
+  state0, tokens, xs, gate, decode, loop = _decode_setup(pos, lam, steps)
   state = state0
-  jax.block_until_ready(lola_decode(*tokens[0], gate, config=config, state=state))
+  jax.block_until_ready(decode(*tokens[0], gate, state=state))
   lat = []
   for i in range(steps):
     start = time.perf_counter()
-    _, state = jax.block_until_ready(lola_decode(*tokens[i], gate, config=config, state=state))
+    _, state = jax.block_until_ready(decode(*tokens[i], gate, state=state))
     lat.append(time.perf_counter() - start)
-  xs = tuple(jnp.moveaxis(x[:, pos : pos + steps], 1, 0) for x in seq)
-
-  @jax.jit
-  def loop(st, xs):
-    def body(s, x):
-      y, s = lola_decode(*x, gate, config=config, state=s)
-      return s, y
-
-    return jax.lax.scan(body, st, xs)
-
   in_loop = _median_time(lambda: loop(state0, xs), repeats) / steps
   stream_single, stream_loop = _stream_seconds(state0, repeats)
   return dict(
