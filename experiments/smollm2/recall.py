@@ -11,7 +11,8 @@ feature maps (`lola_jax.pretrained`); only the attention differs. Stages:
               scored by teacher forcing (true key vs 9 distractor keys) and by greedy exact match
               (`lola_jax.evaluation.lm_scoring`).
   perplexity  held-out docstring text (`lola_jax.data.text`), windows of 1K and 4K tokens.
-  decode      ms per decoded token and state bytes after 1K and 8K tokens of context.
+  decode      ms per decoded token (in generation's jitted loop, and one jitted call per token)
+              and state bytes after 1K and 8K tokens of context.
 
 Results go to the workdir as they come (`cells.jsonl`, one line per prompt, so a rerun resumes),
 then `results.json` (rows: model, method, task, context, accuracy = teacher-forced,
@@ -266,8 +267,8 @@ def run_decode(base, params, rows, workdir, contexts=(1024, 8192)):
       )
       results.append({"method": m.name, "label": m.label, **r})
       print(
-        f"decode {m.name:18s} ctx {ctx}: {r['ms_per_token']:.1f} ms/token, "
-        f"{r['state_bytes'] / 2**20:.1f} MiB state",
+        f"decode {m.name:18s} ctx {ctx}: {r['ms_per_token']:.1f} ms/token in the generation "
+        f"loop, {r['single_call_ms']:.1f} ms a single call, {r['state_bytes'] / 2**20:.1f} MiB",
         flush=True,
       )
       json.dump(results, open(path, "w"), indent=1)

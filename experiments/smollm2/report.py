@@ -54,12 +54,14 @@ def markdown(summary: dict) -> str:
       "",
       "**decode**",
       "",
-      "| method | context | ms / token | state MiB |",
-      "|---|---|---|---|",
+      "| method | context | ms / token (generation loop) | ms (single call) | state MiB |",
+      "|---|---|---|---|---|",
     ]
     for r in summary["decode"]:
+      single = r.get("single_call_ms")
       out.append(
-        f"| {r['label']} | {r['context']} | {r['ms_per_token']:.1f} | {_mib(r['state_bytes'])} |"
+        f"| {r['label']} | {r['context']} | {r['ms_per_token']:.1f} | "
+        f"{'-' if single is None else f'{single:.1f}'} | {_mib(r['state_bytes'])} |"
       )
   return "\n".join(out) + "\n"
 

@@ -29,6 +29,7 @@ import numpy as np
 from flax import nnx
 
 from lola_jax import generate as gen
+from lola_jax import model as model_lib
 
 
 @nnx.jit
@@ -105,10 +106,12 @@ def _decode(model, token, states):
   return _head(model, hidden)[:, 0], states
 
 
-@nnx.jit
-def _decode_fused(model, token, states):
-  """One token per row, the whole model in one program (what generation runs)."""
-  return model.decode(token, states)
+@functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("states",))
+def _decode_step(config, params, token, states):
+  """One token per row, the whole model in one program: a pure jitted function of the
+  parameter pytree (an `nnx.jit` of the module would re-split its graph in Python on every
+  call, about 90 ms for SmolLM2's 30 layers: more than the step itself)."""
+  return model_lib.bind(config, params).decode(token, states)
 
 
 def _check_segment(model, segment: int) -> None:
@@ -231,18 +234,59 @@ def perplexity(model, windows, *, segment: int = 512) -> float:
   return float(np.exp(total / count))
 
 
-def decode_latency(model, context: int, *, steps: int = 32, segment: int = 512) -> dict:
-  """Median ms per decoded token after a `context`-token prompt, and the state's bytes."""
-  tokens = np.random.default_rng(0).integers(0, model.config.vocab_size, (1, context))
-  last, states = segmented_prefill(model, tokens, segment=segment, max_len=context + steps + 1)
+def decode_latency(
+  model, context: int, *, steps: int = 32, segment: int = 512, tokens=None
+) -> dict:
+  """Decode cost after a `context`-token prompt, measured two ways, and the state's bytes.
+
+  The prompt is `tokens` (int [context]) or random ids. Returns a dict with
+    prefill_s       seconds of the prompt's `segmented_prefill` (it includes compilation unless
+                    a prefill of this segment length ran before);
+    ms_per_token    median over 3 runs of `steps` greedy tokens inside generation's jitted
+                    while loop (`generate.decode_stream`, one block): what generation pays;
+    single_call_ms  median of `steps` single-token calls of one jitted decode program (the
+                    whole model, states donated): a step plus one dispatch from Python;
+    state_bytes     bytes of the decode state.
+  """
+  config, params = model.config, nnx.state(model)
+  if tokens is None:
+    tokens = np.random.default_rng(0).integers(0, config.vocab_size, context)
+  tokens = np.asarray(tokens, np.int32)
+  if tokens.shape != (context,):
+    raise ValueError(f"tokens must be int [context={context}], got shape {tokens.shape}")
+  t0 = time.perf_counter()
+  last, states = segmented_prefill(
+    model, tokens[None], segment=segment, max_len=context + steps + 1
+  )
+  jax.block_until_ready(last)
+  prefill_s = time.perf_counter() - t0
+  nbytes = gen.state_bytes(states)
+
+  def loop(states):
+    t0 = time.perf_counter()
+    for _ in gen.decode_stream(
+      config, params, states, last, max_new_tokens=steps, block_size=steps
+    ):
+      pass
+    return (time.perf_counter() - t0) / steps
+
+  copy = functools.partial(jax.tree.map, jnp.copy)
+  loop(copy(states))  # compile
+  per_token = [loop(copy(states)) for _ in range(3)]
+
   token = jnp.argmax(last, axis=-1).astype(jnp.int32)
-  logits, states = _decode_fused(model, token, states)  # compile
+  logits, states = _decode_step(config, params, token, states)  # compile
   jax.block_until_ready(logits)
   times = []
   for _ in range(steps):
     t0 = time.perf_counter()
-    logits, states = _decode_fused(model, token, states)
+    logits, states = _decode_step(config, params, token, states)
     jax.block_until_ready(logits)
     times.append(time.perf_counter() - t0)
-  nbytes = gen.state_bytes(states)
-  return {"context": context, "ms_per_token": 1e3 * float(np.median(times)), "state_bytes": nbytes}
+  return {
+    "context": context,
+    "prefill_s": prefill_s,
+    "ms_per_token": 1e3 * float(np.median(per_token)),
+    "single_call_ms": 1e3 * float(np.median(times)),
+    "state_bytes": nbytes,
+  }

@@ -93,3 +93,22 @@ def test_perplexity_equals_the_full_forward_and_score_prompt_ranks_the_likeliest
   ]
   assert score.forced == (int(np.argmax(lp)) == 0)
   np.testing.assert_allclose(score.margin, lp[0] - max(lp[1:]), rtol=1e-4, atol=1e-4)
+
+
+def test_decode_latency_runs_the_model_decode_and_counts_its_state():
+  """The single-call program `decode_latency` times gives the full forward's next-token logits;
+  its state bytes are `memory.model_state_bytes` (the timings themselves are benchmarks')."""
+  from lola_jax.evaluation import memory
+
+  config, params = _model("lola", "sre")
+  model = model_lib.bind(config, params)
+  prompt = np.random.default_rng(4).integers(0, 40, 32).astype(np.int32)
+  last, states = lm_scoring.segmented_prefill(model, prompt[None], segment=16, max_len=64)
+  token = np.asarray(np.argmax(last, axis=-1), np.int32)
+  logits, _ = lm_scoring._decode_step(config, params, token, states)
+  ref = np.asarray(model_lib.logits(config, params, np.append(prompt, token)[None]))[0, -1]
+  rel = np.sqrt(np.mean((np.asarray(logits[0]) - ref) ** 2) / np.mean(ref**2))
+  assert rel < 1e-5
+  r = lm_scoring.decode_latency(model, 32, steps=2, segment=16)
+  assert r["ms_per_token"] > 0 and r["single_call_ms"] > 0
+  assert r["state_bytes"] == memory.model_state_bytes(config, 32)

@@ -1,0 +1,174 @@
+"""SmolLM2-135M on this machine: our XLA path against llama.cpp on the same GGUF, side by side.
+
+  python -m experiments.benchmarks.bench_smollm2                       # docs/bench_smollm2.json
+  python -m experiments.benchmarks.bench_smollm2 --contexts=1024,8192 --no_llama_cpp
+
+Rows, one process, run one after the other on the same prompt (real held-out text,
+`lola_jax.data.text`, the first `context` tokens of one window):
+
+  lola64     the linearised model, LoLA C64 cache 64 `sre` (`lola_jax.pretrained.smollm2`),
+             float32 weights dequantised from the GGUF;
+  lola64_bf16  the same with bfloat16 weights and compute (`ModelConfig.dtype`; states and
+             accumulators stay float32): half the bytes per token; on XLA:CPU slower, since
+             its bfloat16 dots do not run at float32's speed (see docs/benchmarks.md);
+  softmax    the same weights with full attention (a KV cache that grows with the context);
+  llama.cpp  `llama_cpp.Llama` on the GGUF itself (Q4_1 weights, its own kernels), when the
+             optional `llama-cpp-python` is installed; it is not a requirement of this project:
+               CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python==0.3.36
+             (builds llama.cpp from source, about 11 minutes on 2 cores).
+
+Per context: prefill tokens/s (ours: `lm_scoring.segmented_prefill`, `--segment` tokens per
+jitted layer call, compiled before timing; llama.cpp: `Llama.eval` of the prompt with
+`n_batch=--segment`), and decode ms per token after that context (ours: the median over 3 runs
+of `--steps` greedy tokens inside generation's jitted loop, plus one jitted call per token;
+llama.cpp: the median of `--steps` single-token `Llama.eval` calls). Both sides use
+`--threads` threads (ours: XLA's CPU thread pool is the machine's; run with `taskset` to pin).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import platform
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+
+from lola_jax import model as model_lib
+from lola_jax import pretrained
+from lola_jax.data import text
+from lola_jax.evaluation import lm_scoring
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("contexts", ["1024", "4096", "8192"], "Prompt lengths in tokens.")
+flags.DEFINE_list("rows", ["lola64", "lola64_bf16", "softmax", "llama.cpp"], "Which rows to run.")
+flags.DEFINE_integer("steps", 32, "Decode tokens timed per context.")
+flags.DEFINE_integer("segment", 512, "Prefill tokens per call (ours) and llama.cpp's n_batch.")
+flags.DEFINE_integer("threads", 2, "llama.cpp threads (ours: XLA's pool).")
+flags.DEFINE_bool("no_llama_cpp", False, "Skip the llama.cpp row even when it is installed.")
+flags.DEFINE_string("out", "docs/bench_smollm2.json", "JSON output.")
+
+_ROWS = {  # attention, cache size, dtype of weights and compute
+  "lola64": ("lola", 64, "float32"),
+  "lola64_bf16": ("lola", 64, "bfloat16"),
+  "softmax": ("softmax", 0, "float32"),
+}
+
+
+def _prompt(tokenizer, length: int) -> np.ndarray:
+  return text.held_out_windows(tokenizer, length, 1)[0, :length].astype(np.int32)
+
+
+def _ours(row: str, prompts: dict[int, np.ndarray], steps: int, segment: int) -> list[dict]:
+  attention, cache, dtype = _ROWS[row]
+  config, params, _ = pretrained.smollm2(
+    attention=attention, chunk_size=64, cache_size=cache, dtype=dtype
+  )
+  if dtype != "float32":  # matrices stored in the compute dtype; norm scales stay float32
+    params = jax.tree.map(lambda x: x.astype(dtype) if x.ndim >= 2 else x, params)
+  model = model_lib.bind(config, params)
+  warm = prompts[min(prompts)][None, :segment]
+  jax.block_until_ready(lm_scoring.segmented_prefill(model, warm, segment=segment))  # compile
+  out = []
+  for ctx, ids in prompts.items():
+    dec = lm_scoring.decode_latency(model, ctx, steps=steps, segment=segment, tokens=ids)
+    out.append(_report(row, ctx, dec["prefill_s"], dec["ms_per_token"], dec["single_call_ms"]))
+    out[-1]["state_bytes"] = dec["state_bytes"]
+  return out
+
+
+def _llama_cpp(prompts: dict[int, np.ndarray], steps: int, segment: int, threads: int):
+  import llama_cpp  # optional, see the module doc
+
+  llm = llama_cpp.Llama(
+    model_path=pretrained.smollm2_gguf_path(),
+    n_ctx=max(prompts) + steps + 8,
+    n_batch=segment,
+    n_threads=threads,
+    n_threads_batch=threads,
+    verbose=False,
+  )
+  llm.eval(prompts[min(prompts)][:16].tolist())  # warm up
+  out = []
+  for ctx, ids in prompts.items():
+    llm.reset()
+    t0 = time.perf_counter()
+    llm.eval(ids.tolist())
+    prefill_s = time.perf_counter() - t0
+    token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    times = []
+    for _ in range(steps):
+      t0 = time.perf_counter()
+      llm.eval([token])
+      times.append(time.perf_counter() - t0)
+      token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    ms = 1e3 * float(np.median(times))
+    out.append(_report("llama.cpp", ctx, prefill_s, ms, ms))
+  return out, llama_cpp.__version__
+
+
+def _report(row, ctx, prefill_s, ms_loop, ms_single) -> dict:
+  r = {
+    "row": row,
+    "context": ctx,
+    "prefill_tokens_per_s": ctx / prefill_s,
+    "prefill_s": prefill_s,
+    "decode_ms_per_token": ms_loop,
+    "decode_single_call_ms": ms_single,
+  }
+  print(
+    f"{row:10s} ctx {ctx:6d}: prefill {r['prefill_tokens_per_s']:7.0f} tok/s ({prefill_s:.1f} s)"
+    f", decode {ms_loop:6.1f} ms/token (single call {ms_single:.1f})",
+    flush=True,
+  )
+  return r
+
+
+def main(argv):
+  del argv
+  contexts = sorted(int(c) for c in FLAGS.contexts)
+  unknown = sorted(set(FLAGS.rows) - {*_ROWS, "llama.cpp"})
+  if unknown or min(contexts) < FLAGS.segment:
+    raise app.UsageError(
+      f"--rows must be among {[*_ROWS, 'llama.cpp']}, got {unknown}; --contexts must be >= "
+      f"--segment {FLAGS.segment}, got {contexts}"
+    )
+  _, _, tokenizer = pretrained.smollm2(attention="softmax")
+  prompts = {c: _prompt(tokenizer, c) for c in contexts}
+  results, meta = [], {"llama_cpp": None}
+  for row in FLAGS.rows:
+    if row in _ROWS:
+      results += _ours(row, prompts, FLAGS.steps, FLAGS.segment)
+    elif FLAGS.no_llama_cpp:
+      continue
+    elif importlib.util.find_spec("llama_cpp") is None:
+      print("llama.cpp row skipped: llama-cpp-python is not installed (see the module doc)")
+    else:
+      rows, meta["llama_cpp"] = _llama_cpp(prompts, FLAGS.steps, FLAGS.segment, FLAGS.threads)
+      results += rows
+
+  print("\n| row | context | prefill tok/s | decode ms/token (loop) | decode ms (single call) |")
+  print("|---|---|---|---|---|")
+  for r in results:
+    print(
+      f"| {r['row']} | {r['context']} | {r['prefill_tokens_per_s']:.0f} | "
+      f"{r['decode_ms_per_token']:.1f} | {r['decode_single_call_ms']:.1f} |"
+    )
+  meta.update(
+    jax=jax.__version__,
+    cpu=platform.processor() or platform.machine(),
+    cores=os.cpu_count(),
+    steps=FLAGS.steps,
+    segment=FLAGS.segment,
+    threads=FLAGS.threads,
+  )
+  with open(FLAGS.out, "w") as f:
+    json.dump({"meta": meta, "results": results}, f, indent=1)
+  print(f"wrote {FLAGS.out}")
+
+
+if __name__ == "__main__":
+  app.run(main)
