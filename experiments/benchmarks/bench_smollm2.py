@@ -9,20 +9,22 @@ Rows, one process, run one after the other on the same prompt (real held-out tex
   lola64     the linearised model, LoLA C64 cache 64 `sre` (`lola_jax.pretrained.smollm2`),
              float32 weights dequantised from the GGUF;
   lola64_bf16  the same with bfloat16 weights and compute (`ModelConfig.dtype`; states and
-             accumulators stay float32): half the bytes per token; on XLA:CPU slower, since
-             its bfloat16 dots do not run at float32's speed (see docs/benchmarks.md);
+             accumulators stay float32): half the bytes per token; on XLA:CPU a single
+             call is slower (its bfloat16 dots; see docs/benchmarks.md);
   softmax    the same weights with full attention (a KV cache that grows with the context);
   llama.cpp  `llama_cpp.Llama` on the GGUF itself (Q4_1 weights, its own kernels), when the
              optional `llama-cpp-python` is installed; it is not a requirement of this project:
                CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python==0.3.36
              (builds llama.cpp from source, about 11 minutes on 2 cores).
 
-Per context: prefill tokens/s (ours: `lm_scoring.segmented_prefill`, `--segment` tokens per
-jitted layer call, compiled before timing; llama.cpp: `Llama.eval` of the prompt with
-`n_batch=--segment`), and decode ms per token after that context (ours: the median over 3 runs
-of `--steps` greedy tokens inside generation's jitted loop, plus one jitted call per token;
-llama.cpp: the median of `--steps` single-token `Llama.eval` calls). Both sides use
-`--threads` threads (ours: XLA's CPU thread pool is the machine's; run with `taskset` to pin).
+Rows of an existing `--out` file that this run does not measure are kept (run one row again
+with `--rows=`). Per context: prefill tokens/s (ours: `lm_scoring.segmented_prefill`,
+`--segment` tokens per jitted layer call, compiled before timing; llama.cpp: `Llama.eval` of
+the prompt with `n_batch=--segment`), and decode ms per token after that context (ours: the
+median over 3 runs of `--steps` greedy tokens inside generation's jitted loop, plus one jitted
+call per token; llama.cpp: the median of `--steps` single-token `Llama.eval` calls). Both sides
+use `--threads` threads (ours: XLA's CPU thread pool is the machine's; run with `taskset` to
+pin).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import platform
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
@@ -49,6 +52,9 @@ flags.DEFINE_integer("steps", 32, "Decode tokens timed per context.")
 flags.DEFINE_integer("segment", 512, "Prefill tokens per call (ours) and llama.cpp's n_batch.")
 flags.DEFINE_integer("threads", 2, "llama.cpp threads (ours: XLA's pool).")
 flags.DEFINE_bool("no_llama_cpp", False, "Skip the llama.cpp row even when it is installed.")
+flags.DEFINE_bool(
+  "matvec", True, "Also time matrix-vector products of SmolLM2's shapes per weight dtype."
+)
 flags.DEFINE_string("out", "docs/bench_smollm2.json", "JSON output.")
 
 _ROWS = {  # attention, cache size, dtype of weights and compute
@@ -98,16 +104,78 @@ def _llama_cpp(prompts: dict[int, np.ndarray], steps: int, segment: int, threads
     t0 = time.perf_counter()
     llm.eval(ids.tolist())
     prefill_s = time.perf_counter() - t0
-    token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    token = _llama_argmax(llm)
     times = []
     for _ in range(steps):
       t0 = time.perf_counter()
       llm.eval([token])
       times.append(time.perf_counter() - t0)
-      token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+      token = _llama_argmax(llm)
     ms = 1e3 * float(np.median(times))
     out.append(_report("llama.cpp", ctx, prefill_s, ms, ms))
   return out, llama_cpp.__version__
+
+
+def _llama_argmax(llm) -> int:
+  """Greedy next token from the context's last logits (`Llama.scores` is only filled with
+  `logits_all=True`, which would copy every prompt position's logits)."""
+  logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
+  return int(np.argmax(logits))
+
+
+def _median_ms(fn, *args, repeats: int = 30) -> float:
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return 1e3 * float(np.median(times))
+
+
+def _matvec_table() -> list[dict]:
+  """GB/s of weights read by one decode token's matrix-vector products, per storage dtype.
+
+  Shapes of SmolLM2: the 30 layers' MLP matrices stacked ([30, 576, 3 x 1536], one per layer
+  in a `fori_loop`) and the tied embedding as output matrix ([49152, 576]). "compute" is the
+  dtype the dot runs in: the stored dtype, or float32 after a convert in the same program.
+  """
+  x = jnp.ones((1, 576), jnp.float32)
+  stack = jax.random.normal(jax.random.key(0), (30, 576, 3 * 1536), jnp.float32)
+  head = jax.random.normal(jax.random.key(1), (49152, 576), jnp.float32)
+
+  def mlp(x, w, compute):
+    def body(i, acc):
+      y = jnp.einsum("be,em->bm", acc.astype(compute), w[i].astype(compute))
+      return acc + 1e-3 * y[:, :576].astype(jnp.float32)
+
+    return jax.lax.fori_loop(0, w.shape[0], body, x)
+
+  def out(x, w, compute):
+    return jnp.einsum("be,ve->bv", x.astype(compute), w.astype(compute))
+
+  rows = []
+  for stored, compute in (
+    ("float32", "float32"),
+    ("bfloat16", "bfloat16"),
+    ("bfloat16", "float32"),
+    ("int8", "float32"),
+  ):
+    for name, fn, w in (("mlp stack", mlp, stack), ("output matrix", out, head)):
+      w = (w * 40).astype(stored) if stored == "int8" else w.astype(stored)
+      ms = _median_ms(jax.jit(fn, static_argnums=2), x, w, jnp.dtype(compute))
+      rows.append(
+        {
+          "matrices": name,
+          "stored": stored,
+          "compute": compute,
+          "ms": ms,
+          "gb_per_s": w.nbytes / ms / 1e6,
+        }
+      )
+      gbs = rows[-1]["gb_per_s"]
+      print(f"matvec {name:13s} {stored:8s} -> {compute:8s}: {ms:7.2f} ms, {gbs:5.1f} GB/s")
+  return rows
 
 
 def _report(row, ctx, prefill_s, ms_loop, ms_single) -> dict:
@@ -150,6 +218,7 @@ def main(argv):
       rows, meta["llama_cpp"] = _llama_cpp(prompts, FLAGS.steps, FLAGS.segment, FLAGS.threads)
       results += rows
 
+  matvec = _matvec_table() if FLAGS.matvec else None
   print("\n| row | context | prefill tok/s | decode ms/token (loop) | decode ms (single call) |")
   print("|---|---|---|---|---|")
   for r in results:
@@ -165,8 +234,18 @@ def main(argv):
     segment=FLAGS.segment,
     threads=FLAGS.threads,
   )
+  old = {"meta": {}, "results": [], "matvec": None}
+  if os.path.exists(FLAGS.out):  # keep what this run did not measure
+    with open(FLAGS.out) as f:
+      old = json.load(f)
+  ran = {r["row"] for r in results}
+  out = {
+    "meta": {**old["meta"], **meta, "llama_cpp": meta["llama_cpp"] or old["meta"].get("llama_cpp")},
+    "results": [r for r in old["results"] if r["row"] not in ran] + results,
+    "matvec": matvec if matvec is not None else old.get("matvec"),
+  }
   with open(FLAGS.out, "w") as f:
-    json.dump({"meta": meta, "results": results}, f, indent=1)
+    json.dump(out, f, indent=1)
   print(f"wrote {FLAGS.out}")
 
 

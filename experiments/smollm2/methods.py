@@ -57,7 +57,9 @@ def segment_for(m: Method, segment: int) -> int:
 
 
 def all_methods(base: ModelConfig, chunk: int = 64) -> dict[str, Method]:
-  """Every row: teacher, hybrid, hybrid with LoLA-64's bytes, LoLA {16, 64, 256} x policies."""
+  """Every row: teacher, hybrid, hybrid with LoLA-64's bytes, LoLA {16, 64, 256} x policies,
+  and `sre` rows with longer windows (chunk 128 and 256, caches 64 and 256; the paper's 4K
+  setting is chunk 256, cache 256) with their cache-0 hybrids."""
   wide = memory.equal_memory_chunk(
     chunk_size=chunk,
     cache_size=64,
@@ -81,6 +83,21 @@ def all_methods(base: ModelConfig, chunk: int = 64) -> dict[str, Method]:
           chunk,
           cache,
           policy,
+        )
+      )
+  for wide_chunk in (128, 256):  # longer windows (the paper's 4K setting is C256, cache 256)
+    rows.append(
+      Method(f"hybrid_c{wide_chunk}", f"hybrid C{wide_chunk} (cache 0)", "hybrid", wide_chunk)
+    )
+    for cache in (64, 256):
+      rows.append(
+        Method(
+          f"lola{cache}_sre_c{wide_chunk}",
+          f"LoLA C{wide_chunk} cache {cache} sre",
+          "lola",
+          wide_chunk,
+          cache,
+          "sre",
         )
       )
   return {m.name: m for m in rows}
