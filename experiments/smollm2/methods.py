@@ -46,6 +46,33 @@ class Method:
     return base.replace(attention=self.attention, lola=lola)
 
 
+def row_setting(m: Method) -> dict:
+  """What a scored cell records of its row (`recall.py`'s `cells.jsonl`), so that a row
+  redefined later cannot silently reuse cells scored under its old definition."""
+  return {
+    "attention": m.attention,
+    "window": m.chunk_size,
+    "cache_size": m.cache_size,
+    "policy": m.policy,
+  }
+
+
+def check_cells(cells, rows, path: str) -> None:
+  """ValueError when `cells` (dicts read from `path`) hold a row's cells scored under another
+  definition of that row; cells that predate the recorded settings are not checked."""
+  by_name = {m.name: (m, row_setting(m)) for m in rows}
+  for rec in cells:
+    if rec["method"] not in by_name:
+      continue
+    m, want = by_name[rec["method"]]
+    got = {k: rec[k] for k in want if k in rec}
+    if any(got[k] != want[k] for k in got):
+      raise ValueError(
+        f"{path} holds cells of row {m.name!r} scored with {got}, but the row is now {want}: "
+        "use a fresh --workdir or remove that row's lines"
+      )
+
+
 def segment_for(m: Method, segment: int) -> int:
   """The prefill segment of row `m`: `segment` rounded down to a multiple of its chunk (at least
   one chunk); the state carries everything between segments, so scores do not depend on it."""

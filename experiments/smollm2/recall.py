@@ -93,6 +93,9 @@ flags.DEFINE_integer(
   "segment", 512, "Prefill segment length (rounded down to a multiple of each row's chunk)."
 )
 flags.DEFINE_integer("seed", 0, "Prompt seed.")
+flags.DEFINE_bool(
+  "score", True, "Score the missing prompts; --noscore only summarises the cells already scored."
+)
 flags.DEFINE_integer("perplexity_tokens", 16384, "Held-out tokens per (row, window length).")
 flags.DEFINE_list("perplexity_lengths", ["1024", "4096"], "Perplexity window lengths.")
 flags.mark_flag_as_required("workdir")
@@ -127,10 +130,14 @@ def _read_cells(path) -> dict:
   return done
 
 
-def run_recall(base, params, tokenizer, rows, tasks, contexts, prompts, depths, workdir):
-  """Scores every (row, task, context, prompt) not yet in `cells.jsonl`; returns all cells."""
+def run_recall(
+  base, params, tokenizer, rows, tasks, contexts, prompts, depths, workdir, score=True
+):
+  """Scores every (row, task, context, prompt) not yet in `cells.jsonl` (none when `score` is
+  False); returns all cells."""
   path = os.path.join(workdir, "cells.jsonl")
   done = _read_cells(path)
+  methods_lib.check_cells(done.values(), rows, path)
   depth_grid = np.linspace(0.0, 1.0, depths) if depths > 1 else np.asarray([0.5])
   todo = [
     (m, task, ctx, i)
@@ -138,7 +145,7 @@ def run_recall(base, params, tokenizer, rows, tasks, contexts, prompts, depths, 
     for m in rows
     for task in tasks
     for i in range(prompts)
-    if (m.name, task, ctx, i) not in done
+    if score and (m.name, task, ctx, i) not in done
   ]
   print(f"recall: {len(done)} prompts done, {len(todo)} to go", flush=True)
   t_start = time.perf_counter()
@@ -152,6 +159,7 @@ def run_recall(base, params, tokenizer, rows, tasks, contexts, prompts, depths, 
       )
       rec = {
         "method": m.name,
+        **methods_lib.row_setting(m),
         "task": task,
         "context": ctx,
         "index": i,
@@ -305,6 +313,7 @@ def main(argv):
       _setting("prompts"),
       _setting("depths"),
       workdir,
+      score=FLAGS.score,
     )
     cells = [c for c in cells if c["context"] in contexts]
     results = summarise(base, rows, cells)

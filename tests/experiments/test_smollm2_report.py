@@ -120,3 +120,14 @@ def test_probe_held_shares():
   held, window = report.held_shares(states, positions)
   np.testing.assert_allclose(held, [0.5, 0.0])  # 5 and 7 cached (different heads)
   np.testing.assert_allclose(window, [0.25, 0.25])  # window = positions >= (20 // 4 - 1) * 4
+
+
+def test_cells_of_a_redefined_row_are_refused():
+  rows = [methods.Method("hybrid_wide", "", "hybrid", 95)]
+  fresh = {"method": "hybrid_wide", **methods.row_setting(rows[0])}
+  methods.check_cells(
+    [fresh, {"method": "hybrid_wide"}, {"method": "other", "window": 1}], rows, "c"
+  )
+  stale = {**fresh, "window": 128}
+  with pytest.raises(ValueError, match="row 'hybrid_wide' scored with .*'window': 128.*now"):
+    methods.check_cells([stale], rows, "runs/x/cells.jsonl")
