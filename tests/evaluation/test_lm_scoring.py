@@ -95,11 +95,8 @@ def test_perplexity_equals_the_full_forward_and_score_prompt_ranks_the_likeliest
   np.testing.assert_allclose(score.margin, lp[0] - max(lp[1:]), rtol=1e-4, atol=1e-4)
 
 
-def test_decode_latency_runs_the_model_decode_and_counts_its_state():
-  """The single-call program `decode_latency` times gives the full forward's next-token logits;
-  its state bytes are `memory.model_state_bytes` (the timings themselves are benchmarks')."""
-  from lola_jax.evaluation import memory
-
+def test_decode_step_equals_the_full_forward():
+  """The single-call program `decode_latency` times gives the full forward's next-token logits."""
   config, params = _model("lola", "sre")
   model = model_lib.bind(config, params)
   prompt = np.random.default_rng(4).integers(0, 40, 32).astype(np.int32)
@@ -109,6 +106,15 @@ def test_decode_latency_runs_the_model_decode_and_counts_its_state():
   ref = np.asarray(model_lib.logits(config, params, np.append(prompt, token)[None]))[0, -1]
   rel = np.sqrt(np.mean((np.asarray(logits[0]) - ref) ** 2) / np.mean(ref**2))
   assert rel < 1e-5
-  r = lm_scoring.decode_latency(model, 32, steps=2, segment=16)
-  assert r["ms_per_token"] > 0 and r["single_call_ms"] > 0
+
+
+@pytest.mark.slow
+def test_decode_latency_reports_both_timings_and_the_state_bytes():
+  from lola_jax.evaluation import memory
+
+  config, params = _model("lola", "sre")
+  r = lm_scoring.decode_latency(model_lib.bind(config, params), 32, steps=2, segment=16)
+  assert r["ms_per_token"] > 0 and r["single_call_ms"] > 0 and r["prefill_s"] > 0
   assert r["state_bytes"] == memory.model_state_bytes(config, 32)
+  with pytest.raises(ValueError, match=r"tokens must be int \[context=32\], got shape \(31,\)"):
+    lm_scoring.decode_latency(model_lib.bind(config, params), 32, tokens=np.zeros(31, np.int32))
