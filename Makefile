@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-slow demo demo-miniature lint format bench clean
+.PHONY: test test-slow demo demo-miniature lint format bench bench-smollm2 clean
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,12 @@ demo-miniature: $(STAMP)
 # the 2-core CPU machine; --quick for a smoke run, --profile for the per-part timings.
 bench: $(STAMP)
 	$(PY) -m experiments.benchmarks.bench_lola --baseline=027681e --out=docs/bench_lola.json
+
+# SmolLM2-135M against llama.cpp on the same GGUF (prefill tokens/s, decode ms/token at 1K and 8K;
+# the llama.cpp row when the optional llama-cpp-python is installed, see the script's doc):
+# docs/bench_smollm2.json (docs/benchmarks.md). About 10 minutes on the 2-core CPU machine.
+bench-smollm2: $(STAMP)
+	$(PY) -m experiments.benchmarks.bench_smollm2 --contexts=1024,8192 --out=docs/bench_smollm2.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
