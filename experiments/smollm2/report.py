@@ -156,14 +156,12 @@ def plot_held(results: list[dict], path: str) -> str:
       kept,
       marker="o",
       markersize=3,
-      label=f"{r['policy']} cache {r['cache']} @ {r['context']} tok",
+      label=f"{r['policy']} C{r['chunk']} cache {r['cache']} @ {r['context']} tok",
     )
   ax.set_xlabel("layer")
   ax.set_ylabel("key's digit tokens kept exactly (cache or window)")
   ax.set_ylim(-0.02, 1.02)
-  runs = sorted({(r["chunk"], r["cache"]) for r in results})
-  what = ", ".join(f"C{c} cache {n}" for c, n in runs)
-  ax.set_title(f"SmolLM2-135M, LoLA {what}: is the pass key kept exactly?")
+  ax.set_title("SmolLM2-135M, LoLA: is the pass key kept exactly? (mean over prompts)")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
   fig.tight_layout()
