@@ -12,7 +12,7 @@ import pytest
 from lola_jax import model as model_lib
 from lola_jax.core.config import LoLAConfig
 from lola_jax.data.subword_retrieval import Prompt
-from lola_jax.evaluation import lm_scoring
+from lola_jax.evaluation import lm_scoring, memory
 
 _BASE = model_lib.ModelConfig(
   vocab_size=40,
@@ -110,8 +110,6 @@ def test_decode_step_equals_the_full_forward():
 
 @pytest.mark.slow
 def test_decode_latency_reports_both_timings_and_the_state_bytes():
-  from lola_jax.evaluation import memory
-
   config, params = _model("lola", "sre")
   r = lm_scoring.decode_latency(model_lib.bind(config, params), 32, steps=2, segment=16)
   assert r["ms_per_token"] > 0 and r["single_call_ms"] > 0 and r["prefill_s"] > 0

@@ -7,25 +7,13 @@ positive, and the report prints every row.
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from cli_helpers import run_module
 
 
 def _bench(*args):
-  proc = subprocess.run(
-    [sys.executable, "-m", "experiments.benchmarks.bench_lola", "--quick", *args],
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-    timeout=900,
-  )
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return proc.stdout
+  return run_module("experiments.benchmarks.bench_lola", "--quick", *args, timeout=900).stdout
 
 
 def _positive(rows):

@@ -8,25 +8,13 @@ llama-cpp-python is absent (it is optional), and a second run keeps the first ru
 import importlib.util
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from cli_helpers import run_module
 
 
 def _bench(*args):
-  proc = subprocess.run(
-    [sys.executable, "-m", "experiments.benchmarks.bench_smollm2", *args],
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-    timeout=900,
-  )
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return proc.stdout
+  return run_module("experiments.benchmarks.bench_smollm2", *args, timeout=900).stdout
 
 
 @pytest.mark.slow
