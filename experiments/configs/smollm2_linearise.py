@@ -9,6 +9,9 @@ stays as it is. Presets (`--config=experiments/configs/smollm2_linearise.py:PRES
   cpu     about an hour on a 2-core CPU: T=1024, batch 1.
   accel   an accelerator: T=2048, batch 8, bf16 compute, plus a short next-token finetune of
           the same parameters.
+  cpu_c256
+          the committed (C64) maps re-fitted to a C256 window (257..512 tokens) on the 2-core
+          CPU: warm start, T=2048 (so the linear term sees distances beyond the window), batch 1.
 
   python -m experiments.train --config=experiments/configs/smollm2_linearise.py:cpu \
       --workdir=runs/smollm2_linearise
@@ -22,7 +25,7 @@ import ml_collections
 
 from experiments.configs import default
 
-PRESETS = ("cpu", "accel")
+PRESETS = ("cpu", "accel", "cpu_c256")
 
 
 def get_config(preset: str = "cpu") -> ml_collections.ConfigDict:
@@ -31,6 +34,7 @@ def get_config(preset: str = "cpu") -> ml_collections.ConfigDict:
   c = default.get_config()
   c.pretrained = ml_collections.ConfigDict()
   c.pretrained.gguf = "smollm2-135m"  # an alias of lola_jax.pretrained, or a path to a .gguf
+  c.pretrained.feature_maps = ""  # warm start: "", "committed" or a save_feature_maps file
   # Only attention settings: everything else (sizes, rope, norms, vocabulary) is the GGUF's.
   c.model = ml_collections.ConfigDict()
   c.model.attention = "hybrid"
@@ -69,4 +73,12 @@ def get_config(preset: str = "cpu") -> ml_collections.ConfigDict:
     c.train.eval_batch_size = 8
     c.train.checkpoint_every = 200
     c.distill.finetune_steps = 200
+  if preset == "cpu_c256":
+    c.pretrained.feature_maps = "committed"
+    c.lola.chunk_size = 256
+    c.task.seq_len = 2048
+    c.train.steps = 160
+    c.train.checkpoint_every = 10
+    c.optim.lr = 3e-3
+    c.optim.warmup_steps = 10
   return c

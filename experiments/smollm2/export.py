@@ -64,6 +64,8 @@ def main(argv):
     "checkpoint_step": str(meta.get("step")),
     "data": "lola_jax.data.text train split: docstrings of the Python stdlib (PSF-2.0) and NumPy "
     f"(BSD-3-Clause); seq_len {config.task.seq_len}, batch {config.train.batch_size}",
+    "trained_chunk_size": str(mc.lola.chunk_size),
+    "warm_start": os.path.basename(pretrained_source.feature_maps_path(config) or "") or "none",
     "first_loss": json.dumps(first),
     "last_loss": json.dumps(last),
     "mean_loss_last_5_logs": f"{np.mean(tail):.6f}" if tail else "",

@@ -5,6 +5,10 @@ weights, architecture and tokenizer come from the GGUF file:
 
   config.pretrained.gguf   "" (none), a path to a .gguf, or an alias of `lola_jax.pretrained`
                            ("smollm2-135m");
+  config.pretrained.feature_maps
+                           "" (fresh Hedgehog maps and gates), a `save_feature_maps` file, or
+                           "committed" (the maps `lola_jax.pretrained` ships for the alias): a
+                           warm start, e.g. to re-fit maps trained with one window to another;
   config.model.*           overrides of the attention settings only (attention, feature_map,
                            feature_dim, gate_init, dtype, max_seq_len, ...);
   config.lola.*            the LoLA settings, as for any run;
@@ -64,8 +68,36 @@ def model_config(config, path: str) -> ModelConfig:
     raise ValueError(f"config.model / config.lola with pretrained.gguf={path!r}: {e}") from e
 
 
-def initial_params(model_cfg: ModelConfig, path: str, seed: int) -> dict:
-  """The GGUF's weights (float32) with freshly initialised feature maps and gates."""
+COMMITTED_FEATURE_MAPS = {"smollm2-135m": pretrained.SMOLLM2_FEATURE_MAPS}
+
+
+def feature_maps_path(config) -> str | None:
+  """The warm-start file named by `config.pretrained.feature_maps`, or None (fresh maps)."""
+  section = config.get("pretrained")
+  name = section.get("feature_maps", "") if section is not None else ""
+  if not name:
+    return None
+  if name == "committed":
+    alias = section.get("gguf", "")
+    if alias not in COMMITTED_FEATURE_MAPS:
+      raise ValueError(
+        f"pretrained.feature_maps='committed' needs pretrained.gguf to be one of "
+        f"{sorted(COMMITTED_FEATURE_MAPS)}, got {alias!r}"
+      )
+    return COMMITTED_FEATURE_MAPS[alias]
+  if not os.path.isfile(name):
+    raise ValueError(
+      f"pretrained.feature_maps must be '', 'committed' or a safetensors file written by "
+      f"lola_jax.pretrained.save_feature_maps, got {name!r}"
+    )
+  return name
+
+
+def initial_params(
+  model_cfg: ModelConfig, path: str, seed: int, feature_maps: str | None = None
+) -> dict:
+  """The GGUF's weights (float32) with the feature maps and gates of the file `feature_maps`
+  (a `save_feature_maps` file), or freshly initialised ones when it is None."""
   overrides = {
     f.name: getattr(model_cfg, f.name)
     for f in dataclasses.fields(ModelConfig)
@@ -79,6 +111,7 @@ def initial_params(model_cfg: ModelConfig, path: str, seed: int) -> dict:
     model_cfg.attention,
     chunk,
     cache,
+    feature_maps=None if feature_maps is None else pretrained.load_feature_maps(feature_maps),
     key=jax.random.key(seed),
     **overrides,
     **lola_kw,

@@ -277,9 +277,12 @@ def initial_state(config, s: Setup):
   """Fresh parameters (or the teacher's, in distill mode), optimizer state and RNG."""
   gguf_path = pretrained_source.gguf_path(config)
   if gguf_path is not None:
-    params = pretrained_source.initial_params(s.model_config, gguf_path, config.seed)
+    maps = pretrained_source.feature_maps_path(config)
+    params = pretrained_source.initial_params(s.model_config, gguf_path, config.seed, maps)
     params = jax.device_put(params, s.param_sh)
     print(f"Starting from the pretrained weights of {gguf_path}")
+    if maps is not None:
+      print(f"  with the feature maps and gates of {maps}")
   elif config.train.get("mode", "lm") == "distill" and config.distill.get("teacher_params"):
     path = config.distill.teacher_params
     params = jax.device_put(ckpt_lib.load_params_npz(path, s.abstract_params), s.param_sh)
