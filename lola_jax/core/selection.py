@@ -84,7 +84,9 @@ def candidate_errors(config: LoLAConfig, cand: Candidates, linear_h, linear_s, s
   step); otherwise `pallas_kernels.equations.self_recall_error` computes them here.
   """
   if scores is None:
-    scores = self_recall_error(cand.phi_k, cand.v, linear_h, linear_s[..., None, :], config.eps)
+    scores = self_recall_error(
+      cand.phi_k, cand.v, linear_h, linear_s[..., None, :], config.eps, reduce_by_dot=True
+    )
     scores = scores[..., 0]
   # A pair (or state) holding NaN/Inf cannot be recalled at all: the largest error, so the
   # ranking stays defined (`lax.top_k` would rank NaN below empty slots).

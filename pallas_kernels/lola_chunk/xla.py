@@ -98,5 +98,7 @@ def lola_chunk_step_xla(
   sre = None
   if with_sre:
     cand_v = values[:, :, : cache_size + c]
-    sre = self_recall_error(cand_phi_k, cand_v, linear_h, linear_s[..., None, :], eps)[..., 0]
+    sre = self_recall_error(
+      cand_phi_k, cand_v, linear_h, linear_s[..., None, :], eps, reduce_by_dot=True
+    )[..., 0]
   return y, sre
