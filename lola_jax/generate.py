@@ -50,6 +50,7 @@ import numpy as np
 
 from lola_jax import model as model_lib
 from lola_jax import sharding
+from lola_jax.core.compiler import decode_jit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,8 +189,7 @@ def prefill(config, params, prompts, lengths=None, *, max_len=None, state_shardi
   )
 
 
-@functools.partial(
-  jax.jit,
+@decode_jit(
   static_argnames=("config", "sampling", "block_size", "state_sharding"),
   donate_argnames=("states",),
 )

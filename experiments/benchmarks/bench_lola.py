@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+import lola_jax
 from lola_jax import LoLAConfig, lola_decode, lola_prefill
 from lola_jax.core import selection
 from pallas_kernels.equations import gate_terms, self_recall_error
@@ -55,6 +56,9 @@ _PROFILE = flags.DEFINE_bool(
 )
 
 HEADS, KV_HEADS, HEAD_DIM, FEATURES, CHUNK = 8, 8, 64, 128, 64
+# The decode loop's compiler options (as a user's loop would pass them); a baseline child's older
+# lola_jax has none, and its loop compiles with XLA's defaults, as it did then.
+decode_compiler_options = getattr(lola_jax, "decode_compiler_options", dict)
 
 
 def _inputs(t, seed=0):
@@ -196,7 +200,7 @@ def _decode_setup(pos, lam, steps):
   tokens = [tuple(x[:, pos + i] for x in seq) for i in range(steps)]
   xs = tuple(jnp.moveaxis(x[:, pos : pos + steps], 1, 0) for x in seq)
 
-  @jax.jit
+  @functools.partial(jax.jit, compiler_options=decode_compiler_options())
   def loop(st, xs):
     def body(s, x):
       y, s = lola_decode(*x, gate, config=config, state=s)

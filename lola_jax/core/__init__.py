@@ -7,6 +7,7 @@ Modules:
   scan:       lola_prefill (the chunked scan) and lola_decode (one token).
   reference:  lola_reference, a float64 NumPy twin, token by token (tests only).
   validation: input checks shared by the entry points.
+  compiler:   the XLA compiler options of the jitted decode programs (decode_jit).
 
 The formulas the core shares with the kernels (the mix, the self-recall error, the XLA chunk
 step) live below it in `pallas_kernels` (`equations`, `lola_chunk.xla`). The public names are

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from lola_jax.core import validation
+from lola_jax.core.compiler import decode_jit
 from lola_jax.core.config import LoLAConfig
 from lola_jax.core.selection import SRE_POLICIES, Candidates, update_sparse_cache
 from lola_jax.core.state import LoLAState, init_state
@@ -1004,7 +1005,7 @@ def _roll_chunk(config, complete, has_window, prior_positions, st: LoLAState) ->
   return _select(complete, rolled, st)
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
+@decode_jit(static_argnames=("config",))
 def _lola_decode(
   q, k, v, phi_q, phi_k, gates, *, config: LoLAConfig, state: LoLAState, prior_positions=None
 ):
@@ -1096,7 +1097,7 @@ def lola_decode_steps(
   )
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
+@decode_jit(static_argnames=("config",))
 def _lola_decode_steps(q, k, v, phi_q, phi_k, gates, *, config: LoLAConfig, state: LoLAState):
   """The jitted loop of `lola_decode_steps`: the decode step's body under `lax.scan`."""
 

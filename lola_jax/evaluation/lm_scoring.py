@@ -30,6 +30,7 @@ from flax import nnx
 
 from lola_jax import generate as gen
 from lola_jax import model as model_lib
+from lola_jax.core.compiler import decode_jit
 
 
 @nnx.jit
@@ -106,7 +107,7 @@ def _decode(model, token, states):
   return _head(model, hidden)[:, 0], states
 
 
-@functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("states",))
+@decode_jit(static_argnames=("config",), donate_argnames=("states",))
 def _decode_step(config, params, token, states):
   """One token per row, the whole model in one program: a pure jitted function of the
   parameter pytree (an `nnx.jit` of the module would re-split its graph in Python on every

@@ -182,3 +182,36 @@ def test_decode_loop_validates_its_inputs():
   q, k, v, phi_q, phi_k, gate = time_slice(inputs, 4, 8)
   with pytest.raises(ValueError, match="lola_decode_steps"):
     scan.lola_decode_steps(q[:, :, :3], k, v, phi_q, phi_k, gate, config=config, state=s0)
+
+
+def test_decode_compiler_options_leave_every_output_bit_identical():
+  """The decode programs compile with region-based copy insertion on CPU
+  (`core.compiler`): it only moves copies, so a decode loop with and without it gives the same
+  bits, and the jitted entry points are built with it."""
+  from lola_jax import decode_compiler_options
+  from lola_jax.core import compiler
+
+  options = decode_compiler_options()
+  assert options == ({compiler.REGION_ANALYSIS: True} if jax.default_backend() == "cpu" else {})
+  assert decode_compiler_options("gpu") == {} and decode_compiler_options("tpu") == {}
+  inputs = make_inputs(seed=4, time=40)
+  config = LoLAConfig(chunk_size=5, cache_size=3)
+  _, s0 = lola_prefill(*time_slice(inputs, 0, 7), config=config)
+  *xs, gate = time_slice(inputs, 7, 40)
+  gates = gate_terms(gate)
+
+  def loop(s, xs):
+    return scan._lola_decode_steps(*xs, gates, config=config, state=s)
+
+  plain = jax.jit(loop).lower(s0, xs).compile()
+  tuned = jax.jit(loop, compiler_options=options or None).lower(s0, xs).compile()
+  if options:
+    assert plain.as_text() != tuned.as_text()  # the option reached XLA
+  y_plain, s_plain = plain(s0, xs)
+  y_tuned, s_tuned = tuned(s0, xs)
+  np.testing.assert_array_equal(np.asarray(y_tuned), np.asarray(y_plain))
+  for a, b in zip(jax.tree.leaves(s_tuned), jax.tree.leaves(s_plain), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # The entry point itself (built by `decode_jit`) gives the same bits again.
+  y_entry, _ = scan.lola_decode_steps(*xs, gate, config=config, state=s0)
+  np.testing.assert_array_equal(np.asarray(y_entry), np.asarray(y_plain))
