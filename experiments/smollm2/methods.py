@@ -11,6 +11,8 @@ D = 128), C = 64 and L = 64 give C' = 95 (`memory.equal_memory_chunk`).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import os
 
 from lola_jax.evaluation import memory
 from lola_jax.model import ModelConfig
@@ -57,14 +59,26 @@ def row_setting(m: Method) -> dict:
   }
 
 
-def check_cells(cells, rows, path: str) -> None:
+def feature_maps_id(path: str) -> str:
+  """`name@sha256[:12]` of a feature-map file: what a linearised row's cells record of the maps
+  they were scored with."""
+  with open(path, "rb") as f:
+    digest = hashlib.sha256(f.read()).hexdigest()[:12]
+  return f"{os.path.basename(path)}@{digest}"
+
+
+def check_cells(cells, rows, path: str, feature_maps: str | None = None) -> None:
   """ValueError when `cells` (dicts read from `path`) hold a row's cells scored under another
-  definition of that row; cells that predate the recorded settings are not checked."""
+  definition of that row, or (linearised rows, when `feature_maps` is given: a
+  `feature_maps_id`) with other feature maps; cells that predate the recorded settings are not
+  checked."""
   by_name = {m.name: (m, row_setting(m)) for m in rows}
   for rec in cells:
     if rec["method"] not in by_name:
       continue
     m, want = by_name[rec["method"]]
+    if feature_maps is not None and m.attention != "softmax":
+      want = {**want, "feature_maps": feature_maps}
     got = {k: rec[k] for k in want if k in rec}
     if any(got[k] != want[k] for k in got):
       raise ValueError(

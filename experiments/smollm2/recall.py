@@ -137,7 +137,8 @@ def run_recall(
   False); returns all cells."""
   path = os.path.join(workdir, "cells.jsonl")
   done = _read_cells(path)
-  methods_lib.check_cells(done.values(), rows, path)
+  maps = methods_lib.feature_maps_id(FLAGS.feature_maps or pretrained.SMOLLM2_FEATURE_MAPS)
+  methods_lib.check_cells(done.values(), rows, path, feature_maps=maps)
   depth_grid = np.linspace(0.0, 1.0, depths) if depths > 1 else np.asarray([0.5])
   todo = [
     (m, task, ctx, i)
@@ -160,6 +161,7 @@ def run_recall(
       rec = {
         "method": m.name,
         **methods_lib.row_setting(m),
+        **({} if m.attention == "softmax" else {"feature_maps": maps}),
         "task": task,
         "context": ctx,
         "index": i,

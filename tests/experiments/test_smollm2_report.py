@@ -131,3 +131,18 @@ def test_cells_of_a_redefined_row_are_refused():
   stale = {**fresh, "window": 128}
   with pytest.raises(ValueError, match="row 'hybrid_wide' scored with .*'window': 128.*now"):
     methods.check_cells([stale], rows, "runs/x/cells.jsonl")
+
+
+def test_cells_scored_with_other_feature_maps_are_refused(tmp_path):
+  a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+  a.write_bytes(b"maps one")
+  b.write_bytes(b"maps two")
+  id_a, id_b = methods.feature_maps_id(str(a)), methods.feature_maps_id(str(b))
+  assert id_a.startswith("a.safetensors@") and id_a != id_b
+  rows = [methods.Method("lola", "", "lola", 64, 64), methods.Method("teacher", "", "softmax")]
+  cell = {"method": "lola", **methods.row_setting(rows[0]), "feature_maps": id_a}
+  teacher = {"method": "teacher", **methods.row_setting(rows[1])}
+  methods.check_cells([cell, teacher], rows, "c", feature_maps=id_a)
+  methods.check_cells([teacher], rows, "c", feature_maps=id_b)  # softmax rows use no maps
+  with pytest.raises(ValueError, match="row 'lola' scored with .*a.safetensors@"):
+    methods.check_cells([cell], rows, "runs/x/cells.jsonl", feature_maps=id_b)
