@@ -1005,11 +1005,23 @@ def _roll_chunk(config, complete, has_window, prior_positions, st: LoLAState) ->
   return _select(complete, rolled, st)
 
 
-@decode_jit(static_argnames=("config",))
+@decode_jit(static_argnames=("config", "roll"))
 def _lola_decode(
-  q, k, v, phi_q, phi_k, gates, *, config: LoLAConfig, state: LoLAState, prior_positions=None
+  q,
+  k,
+  v,
+  phi_q,
+  phi_k,
+  gates,
+  *,
+  config: LoLAConfig,
+  state: LoLAState,
+  prior_positions=None,
+  roll: bool = True,
 ):
-  """The jitted body of `lola_decode` (inputs already validated; `gates` the gate terms)."""
+  """The jitted body of `lola_decode` (inputs already validated; `gates` the gate terms).
+  roll=False leaves a completed chunk in place (num_tokens counts the token): the caller runs
+  `_roll_chunk` for it (`_lola_decode_steps`, once per chunk outside its per-token loop)."""
   sizes = validation.check_attention_inputs(
     "lola_decode", q, k, v, phi_q, phi_k, gates[0], has_time=False
   )
@@ -1064,17 +1076,20 @@ def _lola_decode(
     window_mass=window_mass,
     chunk_mass=chunk_mass,
   )
+  if not roll:
+    return y.astype(q.dtype), written
   complete = r == c - 1
-  roll = functools.partial(_roll_chunk, config, complete, has_window, prior_positions)
-  new_state = jax.lax.cond(jnp.any(complete), roll, lambda st: st, written)
+  rolled = functools.partial(_roll_chunk, config, complete, has_window, prior_positions)
+  new_state = jax.lax.cond(jnp.any(complete), rolled, lambda st: st, written)
   return y.astype(q.dtype), new_state
 
 
 def lola_decode_steps(
   q, k, v, phi_q, phi_k, gate=None, *, gate_logit=None, config: LoLAConfig, state: LoLAState
 ):
-  """`lola_decode` for n consecutive tokens per row inside one jitted loop (`lax.scan` over the
-  decode step): one program for all n steps, no host round trip or dispatch between them. The
+  """`lola_decode` for n consecutive tokens per row inside one jitted loop (in-chunk decode steps
+  in a loop, the chunk-end update once per chunk between them): one program for all n steps, no
+  host round trip or dispatch between them. The
   outputs and the final state equal n calls of `lola_decode` (and one `lola_prefill`); it is the
   decode loop of the benchmarks and the form a generation loop runs (`lola_jax.generate` calls
   the model's decode inside its own `lax.while_loop`).
@@ -1099,12 +1114,31 @@ def lola_decode_steps(
 
 @decode_jit(static_argnames=("config",))
 def _lola_decode_steps(q, k, v, phi_q, phi_k, gates, *, config: LoLAConfig, state: LoLAState):
-  """The jitted loop of `lola_decode_steps`: the decode step's body under `lax.scan`."""
+  """The jitted loop of `lola_decode_steps`, in segments that end where some row completes its
+  chunk: a segment's tokens are in-chunk decode steps in a `lax.fori_loop` (no control flow per
+  token, so the state stays in place), then the chunk-end update runs once, under `lax.cond`,
+  for the rows that completed. A `lax.cond` on every token would make XLA copy the state around
+  it each time (`core.compiler`)."""
+  n, c = q.shape[1], config.chunk_size
+  xs = tuple(jnp.moveaxis(x, 1, 0) for x in (q, k, v, phi_q, phi_k))  # [n, B, ...]
 
-  def step(st, x):
-    y, st = _lola_decode(*x, gates, config=config, state=st)
-    return st, y
+  def token(i, carry):
+    st, ys = carry
+    x = tuple(jax.lax.dynamic_index_in_dim(a, i, keepdims=False) for a in xs)
+    y, st = _lola_decode(*x, gates, config=config, state=st, roll=False)
+    return st, jax.lax.dynamic_update_index_in_dim(ys, y, i, axis=0)
 
-  xs = tuple(jnp.moveaxis(x, 1, 0) for x in (q, k, v, phi_q, phi_k))
-  state, ys = jax.lax.scan(step, state, xs)
+  def segment(carry):
+    i, st, ys = carry
+    phase = st.num_tokens % c  # [B]
+    length = jnp.minimum(jnp.min(c - phase), n - i)
+    st, ys = jax.lax.fori_loop(i, i + length, token, (st, ys))
+    complete = phase + length == c  # the segment's last token completed these rows' chunks
+    had_window = st.num_tokens - 1 >= c  # before that last token
+    roll = functools.partial(_roll_chunk, config, complete, had_window, None)
+    st = jax.lax.cond(jnp.any(complete), roll, lambda s: s, st)
+    return i + length, st, ys
+
+  ys = jnp.zeros((n, q.shape[0], q.shape[2], v.shape[-1]), q.dtype)
+  _, state, ys = jax.lax.while_loop(lambda x: x[0] < n, segment, (jnp.int32(0), state, ys))
   return jnp.moveaxis(ys, 0, 1), state

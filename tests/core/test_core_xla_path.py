@@ -215,3 +215,24 @@ def test_decode_compiler_options_leave_every_output_bit_identical():
   # The entry point itself (built by `decode_jit`) gives the same bits again.
   y_entry, _ = scan.lola_decode_steps(*xs, gate, config=config, state=s0)
   np.testing.assert_array_equal(np.asarray(y_entry), np.asarray(y_plain))
+
+
+@pytest.mark.parametrize("cache, policy", [(3, "sre"), (2, "attention")])
+def test_decode_loop_with_rows_at_different_chunk_phases(cache, policy):
+  """Rows whose chunks end at different tokens (prompts of 7 and 9 tokens, C = 5): the
+  segmented loop of `lola_decode_steps` equals step-by-step `lola_decode` and the reference."""
+  inputs = make_inputs(seed=9, time=40, batch=2)
+  config = LoLAConfig(chunk_size=5, cache_size=cache, policy=policy)
+  lengths = jnp.asarray([7, 9])
+  _, s0 = lola_prefill(*time_slice(inputs, 0, 9), config=config, lengths=lengths)
+  # Row 0 saw 7 tokens, row 1 nine: decode tokens 9..39 of both (row 0 thus skips 7, 8).
+  y_loop, s_loop = scan.lola_decode_steps(*time_slice(inputs, 9, 40), config=config, state=s0)
+  st, ys = s0, []
+  for t in range(9, 40):
+    y, st = lola_decode(*time_step(inputs, t), config=config, state=st)
+    ys.append(y)
+  chex.assert_trees_all_close(y_loop, jnp.stack(ys, axis=1), rtol=1e-6, atol=1e-6)
+  chex.assert_trees_all_close(s_loop, st, rtol=1e-6, atol=1e-6)
+  # Row 1 is a plain 40-token sequence: the float64 reference.
+  ref = lola_reference(*(x[1:] for x in inputs[:5]), inputs[5], config=config)
+  assert rel_rms(y_loop[1:], ref[:, 9:]) <= TOL
