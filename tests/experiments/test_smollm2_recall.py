@@ -1,0 +1,47 @@
+"""experiments/smollm2/recall.py end to end on the real SmolLM2 (slow: the model loads and every
+row prefills a prompt): each row runs the feature maps fitted to its window, its cells record
+them, and a rerun with other maps for the same rows is refused rather than mixed."""
+
+import json
+
+import pytest
+from cli_helpers import run_module
+
+from experiments.smollm2 import methods
+from lola_jax import pretrained
+
+
+@pytest.mark.slow
+def test_rows_score_with_their_windows_maps_and_other_maps_are_refused(tmp_path):
+  args = (
+    "--preset=demo",
+    "--contexts=512",
+    "--prompts=1",
+    "--depths=1",
+    "--methods=teacher,lola64_sre,lola64_sre_c256",
+    f"--workdir={tmp_path}",
+  )
+  out = run_module("experiments.smollm2.recall", *args, timeout=1200).stdout
+  cells = {c["method"]: c for c in map(json.loads, open(tmp_path / "cells.jsonl"))}
+  assert set(cells) == {"teacher", "lola64_sre", "lola64_sre_c256"}
+  assert "feature_maps" not in cells["teacher"]
+  c64 = methods.feature_maps_id(pretrained.SMOLLM2_FEATURE_MAPS)
+  c256 = methods.feature_maps_id(pretrained.SMOLLM2_REFITTED_FEATURE_MAPS[256])
+  assert cells["lola64_sre"]["feature_maps"] == c64
+  assert (
+    cells["lola64_sre_c256"]["feature_maps"] == c256 and cells["lola64_sre_c256"]["window"] == 256
+  )
+  assert "LoLA C256 cache 64 sre" in out
+  results = json.load(open(tmp_path / "results.json"))
+  assert {r["method"] for r in results} == set(cells)
+  # The same workdir with one maps file for every row: the linearised cells were scored with
+  # other maps, so the binary refuses instead of summarising a mix.
+  bad = run_module(
+    "experiments.smollm2.recall",
+    *args,
+    f"--feature_maps={pretrained.SMOLLM2_FEATURE_MAPS}",
+    "--noscore",
+    check=False,
+  )
+  assert bad.returncode != 0
+  assert "lola64_sre_c256" in bad.stderr and "use a fresh --workdir" in bad.stderr
