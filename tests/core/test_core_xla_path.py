@@ -194,10 +194,10 @@ def test_decode_compiler_options_leave_every_output_bit_identical():
   options = decode_compiler_options()
   assert options == ({compiler.REGION_ANALYSIS: True} if jax.default_backend() == "cpu" else {})
   assert decode_compiler_options("gpu") == {} and decode_compiler_options("tpu") == {}
-  inputs = make_inputs(seed=4, time=40)
+  inputs = make_inputs(seed=4, time=24)
   config = LoLAConfig(chunk_size=5, cache_size=3)
   _, s0 = lola_prefill(*time_slice(inputs, 0, 7), config=config)
-  *xs, gate = time_slice(inputs, 7, 40)
+  *xs, gate = time_slice(inputs, 7, 24)
   gates = gate_terms(gate)
 
   def loop(s, xs):
@@ -217,7 +217,7 @@ def test_decode_compiler_options_leave_every_output_bit_identical():
   np.testing.assert_array_equal(np.asarray(y_entry), np.asarray(y_plain))
 
 
-@pytest.mark.parametrize("cache, policy", [(3, "sre"), (2, "attention")])
+@pytest.mark.parametrize("cache, policy", [(3, "sre")])
 def test_decode_loop_with_rows_at_different_chunk_phases(cache, policy):
   """Rows whose chunks end at different tokens (prompts of 7 and 9 tokens, C = 5): the
   segmented loop of `lola_decode_steps` equals step-by-step `lola_decode` and the reference."""
