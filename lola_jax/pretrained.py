@@ -15,8 +15,8 @@ The file is located without importing the package (its `__init__` imports `llm`)
 
 Linearised attention (every kind but "softmax") needs feature maps and gates trained by attention
 transfer; they are committed as `lola_jax/pretrained_data/smollm2_135m_feature_maps.safetensors`
-(fitted to a C64 window) and `..._c256.safetensors` (re-fitted to C256; `smollm2` picks the file
-fitted to the asked window), written by `save_feature_maps` and read by `load_feature_maps`:
+(fitted to a C64 window), `..._c128.safetensors` and `..._c256.safetensors` (re-fitted to C128
+and C256; `smollm2` picks the file fitted to the asked window), written by `save_feature_maps` and read by `load_feature_maps`:
 
   tensors   "blocks.<i>.attn.phi_q.w" [Hq, d, F], "blocks.<i>.attn.phi_k.w" [Hkv, d, F],
             "blocks.<i>.attn.gate.logit" [Hq], float32, for every layer i
@@ -52,6 +52,7 @@ SMOLLM2_FEATURE_MAPS = os.path.join(PRETRAINED_DATA, "smollm2_135m_feature_maps.
 # Committed maps re-fitted to longer windows (chunk C -> file; pretrained_data/README.md); the
 # C64 file above is the attention transfer from fresh maps, and serves every other window.
 SMOLLM2_REFITTED_FEATURE_MAPS = {
+  128: os.path.join(PRETRAINED_DATA, "smollm2_135m_feature_maps_c128.safetensors"),
   256: os.path.join(PRETRAINED_DATA, "smollm2_135m_feature_maps_c256.safetensors"),
 }
 
@@ -156,8 +157,8 @@ def smollm2(
     attention: "softmax" (the pretrained model as is) | "linear" | "hybrid" | "lola".
     chunk_size, cache_size: LoLA window chunk C and sparse-cache capacity.
     feature_maps: None = the committed linearised maps fitted to this window
-      (`committed_feature_maps(chunk_size)`: C64 and C256 files; other windows take the C64
-      one; required for every kind but softmax, which uses them when present and fresh ones
+      (`committed_feature_maps(chunk_size)`: C64, C128 and C256 files; other windows take the
+      C64 one; required for every kind but softmax, which uses them when present and fresh ones
       otherwise); "init" =
       a fresh Hedgehog initialisation and `gate_init` gates (before distillation); a path to a
       `save_feature_maps` file; or a flat {name: array} mapping.
