@@ -32,7 +32,8 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile -m slow -o addopts=''
 
 # The main job: LoLA on SmolLM2-135M with the committed linearised feature maps (pass-key at 2K
-# and 4K; teacher, hybrid, LoLA cache 64): prints the table, writes runs/demo/results.json + PNG.
+# and 4K; teacher, hybrid and LoLA cache 64 with the C256 window and the maps fitted to it):
+# prints the table, writes runs/demo/results.json + PNG.
 demo: $(STAMP)
 	$(PY) -m experiments.smollm2.recall --preset=demo --workdir=runs/demo
 
