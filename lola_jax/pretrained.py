@@ -16,7 +16,8 @@ The file is located without importing the package (its `__init__` imports `llm`)
 Linearised attention (every kind but "softmax") needs feature maps and gates trained by attention
 transfer; they are committed as `lola_jax/pretrained_data/smollm2_135m_feature_maps.safetensors`
 (fitted to a C64 window), `..._c128.safetensors` and `..._c256.safetensors` (re-fitted to C128
-and C256; `smollm2` picks the file fitted to the asked window), written by `save_feature_maps` and read by `load_feature_maps`:
+and C256; `smollm2` picks the file fitted to the asked window), written by `save_feature_maps`
+and read by `load_feature_maps`:
 
   tensors   "blocks.<i>.attn.phi_q.w" [Hq, d, F], "blocks.<i>.attn.phi_k.w" [Hkv, d, F],
             "blocks.<i>.attn.gate.logit" [Hq], float32, for every layer i

@@ -264,6 +264,15 @@ def summarise(base, rows, cells) -> list[dict]:
 def run_perplexity(base, params_for, tokenizer, rows, workdir, lengths=(1024, 4096), tokens=16384):
   path = os.path.join(workdir, "perplexity.json")
   results = json.load(open(path)) if os.path.exists(path) else []
+  maps = {
+    m.name: methods_lib.feature_maps_id(_maps_path(m)) for m in rows if m.attention != "softmax"
+  }
+  for r in results:  # as `check_cells`: results of other maps are refused, not reused
+    if r["method"] in maps and r.get("feature_maps", maps[r["method"]]) != maps[r["method"]]:
+      raise ValueError(
+        f"{path} holds perplexity of row {r['method']!r} with feature maps {r['feature_maps']}, "
+        f"but the row now runs {maps[r['method']]}: use a fresh --workdir or remove that entry"
+      )
   have = {(r["method"], r["length"]) for r in results}
   for length in lengths:
     windows = text.held_out_windows(tokenizer, length, max(1, tokens // length))
@@ -283,6 +292,7 @@ def run_perplexity(base, params_for, tokenizer, rows, workdir, lengths=(1024, 40
           "length": length,
           "windows": int(windows.shape[0]),
           "perplexity": ppl,
+          **({"feature_maps": maps[m.name]} if m.name in maps else {}),
           "seconds": time.perf_counter() - t0,
         }
       )

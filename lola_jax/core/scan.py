@@ -1089,10 +1089,10 @@ def lola_decode_steps(
 ):
   """`lola_decode` for n consecutive tokens per row inside one jitted loop (in-chunk decode steps
   in a loop, the chunk-end update once per chunk between them): one program for all n steps, no
-  host round trip or dispatch between them. The
-  outputs and the final state equal n calls of `lola_decode` (and one `lola_prefill`); it is the
-  decode loop of the benchmarks and the form a generation loop runs (`lola_jax.generate` calls
-  the model's decode inside its own `lax.while_loop`).
+  host round trip or dispatch between them. The outputs and the final state equal n calls of
+  `lola_decode` (and one `lola_prefill`); it is the decode loop of the benchmarks
+  (`lola_jax.generate` calls the model's decode, one token at a time, inside its own
+  `lax.while_loop`).
 
   Args:
     q: [B, n, Hq, dk]  k: [B, n, Hkv, dk]  v: [B, n, Hkv, dv]  phi_q: [B, n, Hq, D]

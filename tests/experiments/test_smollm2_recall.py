@@ -1,6 +1,7 @@
 """experiments/smollm2/recall.py end to end on the real SmolLM2 (slow: the model loads and every
-row prefills a prompt): each row runs the feature maps fitted to its window, its cells record
-them, and a rerun with other maps for the same rows is refused rather than mixed."""
+row prefills a prompt): each row runs the feature maps fitted to its window, its cells and
+perplexities record them, and a rerun with other maps for the same rows is refused rather than
+mixed."""
 
 import json
 
@@ -20,6 +21,9 @@ def test_rows_score_with_their_windows_maps_and_other_maps_are_refused(tmp_path)
     "--depths=1",
     "--methods=teacher,lola64_sre,lola64_sre_c256",
     f"--workdir={tmp_path}",
+    "--stages=recall,perplexity",
+    "--perplexity_lengths=512",
+    "--perplexity_tokens=512",
   )
   out = run_module("experiments.smollm2.recall", *args, timeout=1200).stdout
   cells = {c["method"]: c for c in map(json.loads, open(tmp_path / "cells.jsonl"))}
@@ -34,6 +38,8 @@ def test_rows_score_with_their_windows_maps_and_other_maps_are_refused(tmp_path)
   assert "LoLA C256 cache 64 sre" in out
   results = json.load(open(tmp_path / "results.json"))
   assert {r["method"] for r in results} == set(cells)
+  ppl = {r["method"]: r for r in json.load(open(tmp_path / "perplexity.json"))}
+  assert ppl["lola64_sre_c256"]["feature_maps"] == c256 and "feature_maps" not in ppl["teacher"]
   # The same workdir with one maps file for every row: the linearised cells were scored with
   # other maps, so the binary refuses instead of summarising a mix.
   bad = run_module(
@@ -45,3 +51,12 @@ def test_rows_score_with_their_windows_maps_and_other_maps_are_refused(tmp_path)
   )
   assert bad.returncode != 0
   assert "lola64_sre_c256" in bad.stderr and "use a fresh --workdir" in bad.stderr
+  bad = run_module(
+    "experiments.smollm2.recall",
+    *args[:-3],
+    "--stages=perplexity",
+    "--perplexity_lengths=512",
+    f"--feature_maps={pretrained.SMOLLM2_FEATURE_MAPS}",
+    check=False,
+  )
+  assert bad.returncode != 0 and "perplexity of row 'lola64_sre_c256'" in bad.stderr
