@@ -58,7 +58,12 @@ def tiny_config(**train):
   c.train.async_checkpoint = False
   c.optim.lr = 1e-2
   c.optim.warmup_steps = 2
-  for k, v in train.items():
+  return with_overrides(c, **train)
+
+
+def with_overrides(c, **overrides):
+  """`c` with `section__field=value` overrides applied (c.section.field = value)."""
+  for k, v in overrides.items():
     section, field = k.split("__")
     c[section][field] = v
   return c

@@ -37,10 +37,15 @@ from lola_jax.model import ModelConfig
 ALIASES = {"smollm2-135m": pretrained.smollm2_gguf_path}
 
 
+def _setting(config, key: str) -> str:
+  """`config.pretrained.<key>`, "" when the config has no such section or entry."""
+  section = config.get("pretrained")
+  return section.get(key, "") if section is not None else ""
+
+
 def gguf_path(config) -> str | None:
   """The GGUF file named by `config.pretrained.gguf` (alias resolved), or None."""
-  section = config.get("pretrained")
-  name = section.get("gguf", "") if section is not None else ""
+  name = _setting(config, "gguf")
   if not name:
     return None
   if name in ALIASES:
@@ -73,12 +78,11 @@ COMMITTED_FEATURE_MAPS = {"smollm2-135m": pretrained.SMOLLM2_FEATURE_MAPS}
 
 def feature_maps_path(config) -> str | None:
   """The warm-start file named by `config.pretrained.feature_maps`, or None (fresh maps)."""
-  section = config.get("pretrained")
-  name = section.get("feature_maps", "") if section is not None else ""
+  name = _setting(config, "feature_maps")
   if not name:
     return None
   if name == "committed":
-    alias = section.get("gguf", "")
+    alias = _setting(config, "gguf")
     if alias not in COMMITTED_FEATURE_MAPS:
       raise ValueError(
         f"pretrained.feature_maps='committed' needs pretrained.gguf to be one of "

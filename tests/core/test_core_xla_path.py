@@ -15,8 +15,15 @@ import numpy as np
 import pytest
 from core_helpers import make_inputs, rel_rms, time_slice, time_step
 
-from lola_jax import LoLAConfig, cached_positions, lola_decode, lola_prefill, lola_reference
-from lola_jax.core import scan, selection
+from lola_jax import (
+  LoLAConfig,
+  cached_positions,
+  decode_compiler_options,
+  lola_decode,
+  lola_prefill,
+  lola_reference,
+)
+from lola_jax.core import compiler, scan, selection
 from pallas_kernels.equations import gate_terms
 
 TOL = 1e-5
@@ -153,6 +160,15 @@ def test_jit_of_a_padded_parallel_prefill_is_finite_with_nan_padding():
   assert bool(jnp.isfinite(y).all())
 
 
+def _token_by_token(inputs, start, stop, config, state):
+  """`lola_decode` once per token t in [start, stop): (y [B, stop - start, Hq, dv], state)."""
+  ys = []
+  for t in range(start, stop):
+    y, state = lola_decode(*time_step(inputs, t), config=config, state=state)
+    ys.append(y)
+  return jnp.stack(ys, axis=1), state
+
+
 @pytest.mark.parametrize(
   "cache, policy", [(3, "sre"), (0, "sre"), (8, "recency"), (3, "attention")]
 )
@@ -164,11 +180,8 @@ def test_decode_loop_equals_step_by_step_decode_and_prefill(cache, policy):
   y_full, s_full = lola_prefill(*inputs, config=config)
   _, s0 = lola_prefill(*time_slice(inputs, 0, 7), config=config)
   y_loop, s_loop = scan.lola_decode_steps(*time_slice(inputs, 7, 37), config=config, state=s0)
-  st, ys = s0, []
-  for t in range(7, 37):
-    y, st = lola_decode(*time_step(inputs, t), config=config, state=st)
-    ys.append(y)
-  chex.assert_trees_all_close(y_loop, jnp.stack(ys, axis=1), rtol=1e-6, atol=1e-6)
+  y_steps, st = _token_by_token(inputs, 7, 37, config, s0)
+  chex.assert_trees_all_close(y_loop, y_steps, rtol=1e-6, atol=1e-6)
   chex.assert_trees_all_close(s_loop, st, rtol=1e-6, atol=1e-6)
   chex.assert_trees_all_close(y_loop, y_full[:, 7:], rtol=1e-5, atol=1e-6)
   chex.assert_trees_all_close(s_loop, s_full, rtol=1e-5, atol=1e-5)
@@ -188,9 +201,6 @@ def test_decode_compiler_options_leave_every_output_bit_identical():
   """The decode programs compile with region-based copy insertion on CPU
   (`core.compiler`): it only moves copies, so a decode loop with and without it gives the same
   bits, and the jitted entry points are built with it."""
-  from lola_jax import decode_compiler_options
-  from lola_jax.core import compiler
-
   options = decode_compiler_options()
   assert options == ({compiler.REGION_ANALYSIS: True} if jax.default_backend() == "cpu" else {})
   assert decode_compiler_options("gpu") == {} and decode_compiler_options("tpu") == {}
@@ -217,21 +227,17 @@ def test_decode_compiler_options_leave_every_output_bit_identical():
   np.testing.assert_array_equal(np.asarray(y_entry), np.asarray(y_plain))
 
 
-@pytest.mark.parametrize("cache, policy", [(3, "sre")])
-def test_decode_loop_with_rows_at_different_chunk_phases(cache, policy):
+def test_decode_loop_with_rows_at_different_chunk_phases():
   """Rows whose chunks end at different tokens (prompts of 7 and 9 tokens, C = 5): the
   segmented loop of `lola_decode_steps` equals step-by-step `lola_decode` and the reference."""
   inputs = make_inputs(seed=9, time=40, batch=2)
-  config = LoLAConfig(chunk_size=5, cache_size=cache, policy=policy)
+  config = LoLAConfig(chunk_size=5, cache_size=3, policy="sre")
   lengths = jnp.asarray([7, 9])
   _, s0 = lola_prefill(*time_slice(inputs, 0, 9), config=config, lengths=lengths)
   # Row 0 saw 7 tokens, row 1 nine: decode tokens 9..39 of both (row 0 thus skips 7, 8).
   y_loop, s_loop = scan.lola_decode_steps(*time_slice(inputs, 9, 40), config=config, state=s0)
-  st, ys = s0, []
-  for t in range(9, 40):
-    y, st = lola_decode(*time_step(inputs, t), config=config, state=st)
-    ys.append(y)
-  chex.assert_trees_all_close(y_loop, jnp.stack(ys, axis=1), rtol=1e-6, atol=1e-6)
+  y_steps, st = _token_by_token(inputs, 9, 40, config, s0)
+  chex.assert_trees_all_close(y_loop, y_steps, rtol=1e-6, atol=1e-6)
   chex.assert_trees_all_close(s_loop, st, rtol=1e-6, atol=1e-6)
   # Row 1 is a plain 40-token sequence: the float64 reference.
   ref = lola_reference(*(x[1:] for x in inputs[:5]), inputs[5], config=config)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from experiments.smollm2 import methods, report
-from lola_jax import generate
+from lola_jax import generate, pretrained
 from lola_jax import model as model_lib
 from lola_jax.model import ModelConfig
 
@@ -149,8 +149,6 @@ def test_cells_scored_with_other_feature_maps_are_refused(tmp_path):
 
 
 def test_rows_run_the_maps_fitted_to_their_window():
-  from lola_jax import pretrained
-
   rows = methods.all_methods(types.SimpleNamespace(head_dim=64, phi_dim=128, dtype="float32"))
   c256 = pretrained.SMOLLM2_REFITTED_FEATURE_MAPS[256]
   assert rows["lola64_sre_c256"].feature_maps_file() == c256

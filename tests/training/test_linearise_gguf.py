@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 from cli_helpers import run_module
+from train_helpers import with_overrides
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "convert"))
 from gguf_helpers import write_tiny_gguf  # noqa: E402
@@ -36,10 +37,7 @@ def _config(gguf_path: str, **over):
   c.train.checkpoint_every = 4
   c.train.eval_batches = 1
   c.train.async_checkpoint = False
-  for k, v in over.items():
-    section, name = k.split("__")
-    c[section][name] = v
-  return c
+  return with_overrides(c, **over)
 
 
 def _is_map(path) -> bool:
