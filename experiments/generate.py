@@ -52,6 +52,12 @@ flags.DEFINE_bool("chat", False, "Wrap --prompt in the model's chat template (GG
 flags.DEFINE_enum("attention", None, ["softmax", "linear", "hybrid", "lola"], "Override kind.")
 flags.DEFINE_integer("chunk_size", None, "LoLA chunk (window) size override.")
 flags.DEFINE_integer("cache_size", None, "LoLA sparse-cache size override.")
+flags.DEFINE_enum(
+  "window_features",
+  None,
+  ["stored", "recomputed"],
+  "LoLA state: keep phi(k) of the window (stored) or recompute it at chunk ends (a smaller state).",
+)
 flags.DEFINE_string("prompt", "", "Prompt text.")
 flags.DEFINE_string("prompt_ids", None, "Comma-separated prompt token ids (instead of --prompt).")
 flags.DEFINE_integer("max_new_tokens", 128, "Tokens to generate at most.")
@@ -200,6 +206,8 @@ def main(argv):
       chunk_size=FLAGS.chunk_size,
       cache_size=FLAGS.cache_size,
     )
+  if FLAGS.window_features:
+    mc = mc.replace(lola=dataclasses.replace(mc.lola, window_features=FLAGS.window_features))
   if FLAGS.chat:
     if template is None:
       raise app.UsageError("--chat needs a model with a chat template (--model or a chat --gguf)")

@@ -34,6 +34,8 @@ class Method:
     policy: sparse-cache policy of "lola".
     maps_chunk: the window whose committed feature maps the row runs
       (`pretrained.committed_feature_maps`); None: the maps fitted to its own window.
+    window_features: `LoLAConfig.window_features`: "recomputed" keeps no phi_k of the window in
+      the state (the "_lean" rows: same outputs up to rounding, 2C D fewer values per kv head).
   """
 
   name: str
@@ -43,6 +45,7 @@ class Method:
   cache_size: int = 0
   policy: str = "sre"
   maps_chunk: int | None = None
+  window_features: str = "stored"
 
   def feature_maps_file(self) -> str:
     """The committed feature-map file this row runs (the binaries' --feature_maps overrides)."""
@@ -51,7 +54,11 @@ class Method:
   def model_config(self, base: ModelConfig) -> ModelConfig:
     """`base` (the pretrained architecture) under this row's attention."""
     lola = dataclasses.replace(
-      base.lola, chunk_size=self.chunk_size, cache_size=self.cache_size, policy=self.policy
+      base.lola,
+      chunk_size=self.chunk_size,
+      cache_size=self.cache_size,
+      policy=self.policy,
+      window_features=self.window_features,
     )
     return base.replace(attention=self.attention, lola=lola)
 
@@ -64,6 +71,7 @@ def row_setting(m: Method) -> dict:
     "window": m.chunk_size,
     "cache_size": m.cache_size,
     "policy": m.policy,
+    "window_features": m.window_features,
   }
 
 
@@ -109,7 +117,8 @@ def all_methods(base: ModelConfig, chunk: int = 64) -> dict[str, Method]:
   """Every row: teacher, hybrid, hybrid with LoLA-64's bytes, LoLA {16, 64, 256} x policies,
   and `sre` rows with longer windows (chunk 128 and 256, caches 64 and 256; the paper's 4K
   setting is chunk 256, cache 256) with their cache-0 hybrids, each with the maps fitted to
-  its window and with the C64 maps ("_m64")."""
+  its window, with the C64 maps ("_m64") and with a state that recomputes the window's
+  features ("_lean")."""
   wide = memory.equal_memory_chunk(
     chunk_size=chunk,
     cache_size=64,
@@ -160,4 +169,22 @@ def all_methods(base: ModelConfig, chunk: int = 64) -> dict[str, Method]:
             maps_chunk=maps,
           )
         )
+    # The same rows (own maps) with a state that keeps no phi_k of its window.
+    lean = dict(window_features="recomputed")
+    rows.append(
+      Method(f"hybrid_c{wide_chunk}_lean", f"hybrid C{wide_chunk} (cache 0, lean)", "hybrid",
+             wide_chunk, **lean)
+    )  # fmt: skip
+    for cache in (64, 256):
+      rows.append(
+        Method(
+          f"lola{cache}_sre_c{wide_chunk}_lean",
+          f"LoLA C{wide_chunk} cache {cache} sre, lean",
+          "lola",
+          wide_chunk,
+          cache,
+          "sre",
+          **lean,
+        )
+      )
   return {m.name: m for m in rows}

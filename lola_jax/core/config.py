@@ -11,6 +11,7 @@ from pallas_kernels.common import IMPLEMENTATIONS
 from pallas_kernels.equations import MIXES
 
 POLICIES = ("sre", "recency", "energy", "energy_global", "attention", "random", "sre_below")
+WINDOW_FEATURES = ("stored", "recomputed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +50,13 @@ class LoLAConfig:
     cache_budget: total slots shared by all kv heads of a layer ("energy_global" only, required
       there); each head still holds at most cache_size.
     seed: seed of the "random" policy.
+    window_features: what the state keeps of the window's and current chunk's feature-mapped
+      keys phi_k(k). "stored": [B, Hkv, C, D] buffers next to their keys (the inputs' phi_k, no
+      recomputation). "recomputed": nothing (empty [B, Hkv, 0, D] leaves); phi_k of the window
+      is recomputed from its keys when it competes for the cache at a chunk end, by the
+      `key_feature_map` that `lola_prefill` / `lola_decode` then require. It saves 2C D values
+      per kv head (d = 64, D = 128, float32: 512 of the 1024 bytes a window token costs) at the
+      price of one feature map of C keys per chunk end.
   """
 
   chunk_size: int = 64
@@ -63,6 +71,7 @@ class LoLAConfig:
   energy_floor: float = 1e-3
   cache_budget: int | None = None
   seed: int = 0
+  window_features: str = "stored"
 
   def __post_init__(self):
     if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int):
@@ -113,6 +122,10 @@ class LoLAConfig:
       )
     if isinstance(self.seed, bool) or not isinstance(self.seed, int):
       raise ValueError(f"seed must be an int, got {self.seed!r}")
+    if self.window_features not in WINDOW_FEATURES:
+      raise ValueError(
+        f"window_features must be one of {WINDOW_FEATURES}, got {self.window_features!r}"
+      )
 
   def scale(self, key_dim: int) -> float:
     """The logit scale for keys of width `key_dim`."""

@@ -31,6 +31,12 @@ import jax.numpy as jnp
 from lola_jax.core import validation
 from lola_jax.core.compiler import decode_jit
 from lola_jax.core.config import LoLAConfig
+from lola_jax.core.key_features import (
+  check_key_feature_map,
+  key_features,
+  with_window_features,
+  without_window_features,
+)
 from lola_jax.core.selection import SRE_POLICIES, Candidates, update_sparse_cache
 from lola_jax.core.state import LoLAState, init_state
 from pallas_kernels.common import resolve_implementation
@@ -702,6 +708,7 @@ def lola_prefill(
   state=None,
   lengths=None,
   prior_positions=None,
+  key_feature_map=None,
 ):
   """Runs LoLA attention over a block of tokens, continuing from `state`.
 
@@ -727,6 +734,9 @@ def lola_prefill(
       layer below holds (-1 = empty), used at every chunk end of this call. Exact stacking
       needs the lower layer's cache at the same chunk end, which is what the model provides by
       calling with at most C tokens at a time (one chunk end per row); None = no prior.
+    key_feature_map: with `config.window_features="recomputed"` and a given state, the map that
+      produced phi_k, a `jax.tree_util.Partial` from keys [B, N, Hkv, dk] to [B, N, Hkv, D]: it
+      recomputes phi_k of the state's window and chunk (`lola_jax.core.key_features`).
 
   Returns:
     y: [B, T, Hq, dv] in q.dtype, and the state after the real tokens.
@@ -741,6 +751,7 @@ def lola_prefill(
   if lengths is not None:  # values are checked here, where they are still concrete
     validation.check_lengths(fn, lengths, sizes["B"], sizes["T"])
   validation.check_prior_positions(fn, prior_positions, config.policy, sizes["B"])
+  check_key_feature_map(fn, key_feature_map, config, required=state is not None)
   return _lola_prefill(
     q,
     k,
@@ -752,6 +763,7 @@ def lola_prefill(
     state=state,
     lengths=lengths,
     prior_positions=prior_positions,
+    key_feature_map=key_feature_map,
   )
 
 
@@ -768,19 +780,22 @@ def _lola_prefill(
   state,
   lengths,
   prior_positions=None,
+  key_feature_map=None,
   local_in_scan: bool | None = None,
 ):
   """The jitted body of `lola_prefill` (inputs already validated; `gates` the gate terms).
   `local_in_scan`: the XLA path's form (`_prefill_parallel`; None = `LOCAL_IN_SCAN` of the
-  backend); tests run both."""
+  backend); tests run both. A state without window features is given them here and loses them
+  again on return (`lola_jax.core.key_features`)."""
   sizes = validation.check_attention_inputs(
     "lola_prefill", q, k, v, phi_q, phi_k, gates[0], has_time=True
   )
   b, t, hkv, c = sizes["B"], sizes["T"], sizes["Hkv"], config.chunk_size
   fresh = state is None
+  recompute = config.window_features == "recomputed"
   if fresh:
     state = init_state(
-      config,
+      dataclasses.replace(config, window_features="stored"),  # zeros: nothing to recompute
       batch=b,
       num_kv_heads=hkv,
       key_dim=sizes["dk"],
@@ -788,6 +803,8 @@ def _lola_prefill(
       feature_dim=sizes["D"],
       dtype=k.dtype,
     )
+  elif recompute:
+    state = with_window_features(state, key_feature_map)
   if lengths is None:
     lengths = jnp.full((b,), t, jnp.int32)
   else:  # in range unless traced by an outer jit (docstring of lola_prefill)
@@ -858,6 +875,8 @@ def _lola_prefill(
     window_mass=window_mass,
     chunk_mass=chunk_mass,
   )
+  if recompute:
+    new_state = without_window_features(new_state)
   return y.astype(q.dtype), new_state
 
 
@@ -896,11 +915,8 @@ def _decode_attend_concat(config, q, k, v, phi_q, phi_k, grouped, state, slot):
   def write(buf, x):  # buf [B, Hkv, C, d], x [B, Hkv, d]
     return jnp.where(slot[:, None, :, None], x[:, :, None, :].astype(store), buf)
 
-  chunk_k, chunk_v, chunk_phi = (
-    write(state.chunk_k, k),
-    write(state.chunk_v, v),
-    write(state.chunk_phi_k, phi_k),
-  )
+  chunk_k, chunk_v = write(state.chunk_k, k), write(state.chunk_v, v)
+  chunk_phi = write(state.chunk_phi_k, phi_k) if state.stores_window_features else state.chunk_phi_k
   keys = jnp.concatenate([state.cache_k, state.window_k, chunk_k], axis=-2)
   values = jnp.concatenate([state.cache_v, state.window_v, chunk_v], axis=-2)
   has_window = state.num_tokens >= c
@@ -939,6 +955,7 @@ def lola_decode(
   config: LoLAConfig,
   state: LoLAState,
   prior_positions=None,
+  key_feature_map=None,
 ):
   """Appends one token per row and returns its LoLA output.
 
@@ -952,7 +969,9 @@ def lola_decode(
     y: [B, Hq, dv] in q.dtype, and the updated state. When a row's token completes its chunk,
     the sparse cache update runs (once per chunk, for all rows that complete together).
     With policy "sre_below", `prior_positions` [B, P] int are the positions the layer below
-    holds after its own step for this token (see `lola_prefill`).
+    holds after its own step for this token (see `lola_prefill`). With
+    `config.window_features="recomputed"`, `key_feature_map` (as `lola_prefill`) recomputes
+    phi_k of the window when a chunk completes.
   """
   fn = "lola_decode"
   if not isinstance(config, LoLAConfig):
@@ -961,25 +980,36 @@ def lola_decode(
   sizes = validation.check_attention_inputs(fn, q, k, v, phi_q, phi_k, *given, has_time=False)
   validation.check_state(fn, state, config, sizes, dtype=k.dtype)
   validation.check_prior_positions(fn, prior_positions, config.policy, sizes["B"])
+  check_key_feature_map(fn, key_feature_map, config)
   gates = gate_terms(gate, gate_logit)
   return _lola_decode(
-    q, k, v, phi_q, phi_k, gates, config=config, state=state, prior_positions=prior_positions
-  )
+    q, k, v, phi_q, phi_k, gates, config=config, state=state, prior_positions=prior_positions,
+    key_feature_map=key_feature_map,
+  )  # fmt: skip
 
 
-def _roll_chunk(config, complete, has_window, prior_positions, st: LoLAState) -> LoLAState:
+def _roll_chunk(
+  config, complete, has_window, prior_positions, key_feature_map, st: LoLAState
+) -> LoLAState:
   """Decode's end of chunk for the rows whose token completed it: the cache update, then the
   chunk becomes the window and a new chunk starts.
 
   `st` already holds the token (num_tokens counts it); `complete` [B]: rows whose chunk it
-  completed; `has_window` [B]: rows that had a window before it.
+  completed; `has_window` [B]: rows that had a window before it. Without stored window features
+  phi_k of the window is recomputed here by `key_feature_map`.
   """
   c = config.chunk_size
   track = config.policy == "attention"
+  if st.stores_window_features:
+    window_phi = st.window_phi_k
+  else:
+    window_phi = key_features(
+      key_feature_map, st.window_k, has_window[:, None, None], st.feature_dim
+    )
   window = _window_candidates(
     st.window_k,
     st.window_v,
-    st.window_phi_k,
+    window_phi,
     has_window,
     (st.num_tokens // c - 2) * c,
     st.window_mass if track else None,
@@ -1017,6 +1047,7 @@ def _lola_decode(
   config: LoLAConfig,
   state: LoLAState,
   prior_positions=None,
+  key_feature_map=None,
   roll: bool = True,
 ):
   """The jitted body of `lola_decode` (inputs already validated; `gates` the gate terms).
@@ -1043,7 +1074,9 @@ def _lola_decode(
     write = jax.vmap(lambda buf, x, i: jax.lax.dynamic_update_index_in_dim(buf, x, i, axis=1))
     chunk_k = write(state.chunk_k, k.astype(store), r)
     chunk_v = write(state.chunk_v, v.astype(store), r)
-    chunk_phi = write(state.chunk_phi_k, phi_k.astype(store), r)
+    chunk_phi = state.chunk_phi_k  # empty without stored window features
+    if state.stores_window_features:
+      chunk_phi = write(chunk_phi, phi_k.astype(store), r)
     q_rows = q.reshape(b, hkv, hq // hkv, q.shape[-1])  # [B, Hkv, G, dk]: one row per head
     in_chunk = (jnp.arange(c)[None, :] <= r[:, None])[:, None, None, :]  # [B, 1, 1, C]
     shift, s_soft, n_soft = _softmax_parts(
@@ -1079,13 +1112,25 @@ def _lola_decode(
   if not roll:
     return y.astype(q.dtype), written
   complete = r == c - 1
-  rolled = functools.partial(_roll_chunk, config, complete, has_window, prior_positions)
+  rolled = functools.partial(
+    _roll_chunk, config, complete, has_window, prior_positions, key_feature_map
+  )
   new_state = jax.lax.cond(jnp.any(complete), rolled, lambda st: st, written)
   return y.astype(q.dtype), new_state
 
 
 def lola_decode_steps(
-  q, k, v, phi_q, phi_k, gate=None, *, gate_logit=None, config: LoLAConfig, state: LoLAState
+  q,
+  k,
+  v,
+  phi_q,
+  phi_k,
+  gate=None,
+  *,
+  gate_logit=None,
+  config: LoLAConfig,
+  state: LoLAState,
+  key_feature_map=None,
 ):
   """`lola_decode` for n consecutive tokens per row inside one jitted loop (in-chunk decode steps
   in a loop, the chunk-end update once per chunk between them): one program for all n steps, no
@@ -1096,7 +1141,8 @@ def lola_decode_steps(
 
   Args:
     q: [B, n, Hq, dk]  k: [B, n, Hkv, dk]  v: [B, n, Hkv, dv]  phi_q: [B, n, Hq, D]
-    phi_k: [B, n, Hkv, D]; gate / gate_logit [Hq]; config; state (as `lola_decode`).
+    phi_k: [B, n, Hkv, D]; gate / gate_logit [Hq]; config; state; key_feature_map (as
+    `lola_decode`).
 
   Returns:
     y [B, n, Hq, dv] in q.dtype, and the state after the n tokens.
@@ -1107,13 +1153,17 @@ def lola_decode_steps(
   given = validation.check_gate_args(fn, gate, gate_logit)
   sizes = validation.check_attention_inputs(fn, q, k, v, phi_q, phi_k, *given, has_time=True)
   validation.check_state(fn, state, config, sizes, dtype=k.dtype)
+  check_key_feature_map(fn, key_feature_map, config)
   return _lola_decode_steps(
-    q, k, v, phi_q, phi_k, gate_terms(gate, gate_logit), config=config, state=state
-  )
+    q, k, v, phi_q, phi_k, gate_terms(gate, gate_logit), config=config, state=state,
+    key_feature_map=key_feature_map,
+  )  # fmt: skip
 
 
 @decode_jit(static_argnames=("config",))
-def _lola_decode_steps(q, k, v, phi_q, phi_k, gates, *, config: LoLAConfig, state: LoLAState):
+def _lola_decode_steps(
+  q, k, v, phi_q, phi_k, gates, *, config: LoLAConfig, state: LoLAState, key_feature_map=None
+):
   """The jitted loop of `lola_decode_steps`, in segments that end where some row completes its
   chunk: a segment's tokens are in-chunk decode steps in a `lax.fori_loop` (no control flow per
   token, so the state stays in place), then the chunk-end update runs once, under `lax.cond`,
@@ -1125,7 +1175,9 @@ def _lola_decode_steps(q, k, v, phi_q, phi_k, gates, *, config: LoLAConfig, stat
   def token(i, carry):
     st, ys = carry
     x = tuple(jax.lax.dynamic_index_in_dim(a, i, keepdims=False) for a in xs)
-    y, st = _lola_decode(*x, gates, config=config, state=st, roll=False)
+    y, st = _lola_decode(
+      *x, gates, config=config, state=st, key_feature_map=key_feature_map, roll=False
+    )
     return st, jax.lax.dynamic_update_index_in_dim(ys, y, i, axis=0)
 
   def segment(carry):
@@ -1135,7 +1187,7 @@ def _lola_decode_steps(q, k, v, phi_q, phi_k, gates, *, config: LoLAConfig, stat
     st, ys = jax.lax.fori_loop(i, i + length, token, (st, ys))
     complete = phase + length == c  # the segment's last token completed these rows' chunks
     had_window = st.num_tokens - 1 >= c  # before that last token
-    roll = functools.partial(_roll_chunk, config, complete, had_window, None)
+    roll = functools.partial(_roll_chunk, config, complete, had_window, None, key_feature_map)
     st = jax.lax.cond(jnp.any(complete), roll, lambda s: s, st)
     return i + length, st, ys
 

@@ -38,7 +38,8 @@ class LoLAState:
     cache_positions: [B, Hkv, L] int32 token positions, -1 for an empty slot.
     window_k: [B, Hkv, C, dk] the previous complete chunk (the sliding window's old half).
     window_v: [B, Hkv, C, dv]
-    window_phi_k: [B, Hkv, C, D]
+    window_phi_k: [B, Hkv, C, D], or [B, Hkv, 0, D] when the config's window_features is
+      "recomputed" (recomputed from window_k when needed; likewise chunk_phi_k).
     chunk_k: [B, Hkv, C, dk] tokens of the current, incomplete chunk (slot j = position nC + j).
     chunk_v: [B, Hkv, C, dv]
     chunk_phi_k: [B, Hkv, C, D]
@@ -75,6 +76,11 @@ class LoLAState:
   key_dim = _size("cache_k", -1, "dk")
   value_dim = _size("cache_v", -1, "dv")
   feature_dim = _size("linear_s", -1, "D")
+
+  @property
+  def stores_window_features(self) -> bool:
+    """Whether the window and chunk buffers keep their phi_k (`LoLAConfig.window_features`)."""
+    return self.window_phi_k.shape[-2] > 0
 
   @property
   def tracks_attention_mass(self) -> bool:
@@ -143,6 +149,7 @@ def init_state(
   b, h = batch, num_kv_heads
   acc = accumulation_dtype(dtype)
   mass = config.policy == "attention"
+  features = c if config.window_features == "stored" else 0
 
   def zeros(*shape, dt=dtype):
     return jnp.zeros(shape, dt)
@@ -154,10 +161,10 @@ def init_state(
     cache_positions=jnp.full((b, h, lam), -1, jnp.int32),
     window_k=zeros(b, h, c, key_dim),
     window_v=zeros(b, h, c, value_dim),
-    window_phi_k=zeros(b, h, c, feature_dim),
+    window_phi_k=zeros(b, h, features, feature_dim),
     chunk_k=zeros(b, h, c, key_dim),
     chunk_v=zeros(b, h, c, value_dim),
-    chunk_phi_k=zeros(b, h, c, feature_dim),
+    chunk_phi_k=zeros(b, h, features, feature_dim),
     linear_h=zeros(b, h, feature_dim, value_dim, dt=acc),
     linear_s=zeros(b, h, feature_dim, dt=acc),
     num_tokens=jnp.zeros((b,), jnp.int32),

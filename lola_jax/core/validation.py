@@ -129,6 +129,7 @@ def check_state(fn: str, state, config: LoLAConfig, sizes: dict, dtype=None) -> 
     "cache_size": config.cache_size,
     "chunk_size": config.chunk_size,
     "tracks_attention_mass": config.policy == "attention",
+    "stores_window_features": config.window_features == "stored",
   }
   for attr, want in expected.items():
     got = getattr(state, attr)

@@ -6,7 +6,8 @@ once per query head), for one sequence (batch row):
   full KV cache (softmax):   T * (dk + dv) * kv_bytes
   LoLA / hybrid (LoLAState):
     window      2C * (dk + dv + D) * kv_bytes     previous chunk + current-chunk buffer, with the
-                                                   feature-mapped keys our state keeps
+                                                   feature-mapped keys (no D with
+                                                   LoLAConfig.window_features="recomputed")
     sparse cache lam * (dk + dv + D) * kv_bytes    keys, values, cached phi(k)
                 + lam * 4                          int32 positions
     linear state (D * dv + D) * 4                  H and s, always float32
@@ -56,8 +57,8 @@ def lola_state_bytes(
 ) -> int:
   """Bytes of a LoLA state (one row, all layers); `cache_size=0` is the LoLCATs hybrid.
 
-  `window_features=False` drops the window's feature-mapped keys (a leaner implementation could
-  recompute them when a chunk leaves the window); the default counts what `LoLAState` holds.
+  `window_features=False` counts a state without the window's feature-mapped keys
+  (`LoLAConfig(window_features="recomputed")`, which recomputes them when a chunk leaves).
   """
   kv = _itemsize(kv_dtype)
   width = key_dim + value_dim
@@ -124,6 +125,7 @@ def model_state_bytes(config, context: int) -> int:
       chunk_size=lola.chunk_size,
       cache_size=lola.cache_size,
       kv_dtype=config.dtype,
+      window_features=lola.window_features == "stored",
       **shape,
     )
     for lola in layers

@@ -47,6 +47,7 @@ KV_AXES = ("batch", None, "kv_heads", None)  # k, v, phi_k: [B, T, Hkv, .]
 GATE_AXES = ("heads",)  # the gate logits [Hq]
 ROW_AXES = ("batch",)  # lengths [B]
 PRIOR_AXES = ("batch", None)  # prior positions [B, P]
+MAP_AXES = ("kv_heads", None, None)  # key feature-map parameters [Hkv, d, F]
 
 
 def kernel_call(fn, args: tuple, in_axes: tuple, out_axes, *, batch: int, kv_heads: int):
@@ -288,25 +289,37 @@ class _WindowedAttention(Attention):
     config = self.config.lola_config
     phi_q, phi_k, gate_logit = self.phi_q(q), self.phi_k(k), self.gate.logits()
     below = {} if prior is None else {"prior_positions": prior}
+    # A state without window features recomputes them with the layer's own key map; its
+    # parameters travel as arguments (per-device heads under `kernel_call`).
+    recompute = config.window_features == "recomputed"
+    key_map = self.phi_k.partial() if recompute else None
     if decode:
       xs = (x[:, 0] for x in (q, k, v, phi_q, phi_k))
-      y, state = lola_decode(*xs, gate_logit=gate_logit, config=config, state=state, **below)
+      y, state = lola_decode(
+        *xs, gate_logit=gate_logit, config=config, state=state, key_feature_map=key_map, **below
+      )
       return y[:, None], state
     if state is None:
       return self.fresh_forward(q, k, v, phi_q, phi_k, gate_logit), None
 
-    def mix(q, k, v, phi_q, phi_k, gate_logit, state, lengths, *prior):
+    map_args = tuple(key_map.args) if recompute else ()
+    prior_args = () if prior is None else (prior,)
+
+    def mix(q, k, v, phi_q, phi_k, gate_logit, state, lengths, *extra):
+      maps, prior = extra[: len(map_args)], extra[len(map_args) :]
       below = {"prior_positions": prior[0]} if prior else {}
+      if recompute:
+        below["key_feature_map"] = jax.tree_util.Partial(key_map.func, *maps)
       return lola_prefill(
         q, k, v, phi_q, phi_k, gate_logit=gate_logit, config=config, state=state,
         lengths=lengths, **below,
       )  # fmt: skip
 
-    prior_args = () if prior is None else (prior,)
     return kernel_call(
       mix,
-      (q, k, v, phi_q, phi_k, gate_logit, state, lengths, *prior_args),
+      (q, k, v, phi_q, phi_k, gate_logit, state, lengths, *map_args, *prior_args),
       (Q_AXES, KV_AXES, KV_AXES, Q_AXES, KV_AXES, GATE_AXES, self.state_axes(state), ROW_AXES)
+      + (MAP_AXES,) * len(map_args)
       + (PRIOR_AXES,) * len(prior_args),
       (Q_AXES, self.state_axes(state)),
       batch=k.shape[0],

@@ -35,6 +35,11 @@ def hedgehog(x: jax.Array, w: jax.Array) -> jax.Array:
   return jnp.concatenate([jax.nn.softmax(z, axis=-1), jax.nn.softmax(-z, axis=-1)], axis=-1)
 
 
+def hedgehog_of(w: jax.Array, x: jax.Array) -> jax.Array:
+  """`hedgehog(x, w)` with the parameters first, for `jax.tree_util.Partial(hedgehog_of, w)`."""
+  return hedgehog(x, w)
+
+
 def elu_plus_one(x: jax.Array) -> jax.Array:
   """phi(x) = elu(x) + 1, elementwise; [..., H, d] -> [..., H, d] float32."""
   return jax.nn.elu(x.astype(jnp.float32)) + 1.0
@@ -91,6 +96,13 @@ class FeatureMap(nnx.Module):
     if self.kind == "elu":
       return elu_plus_one(x)
     return identity(x)
+
+  def partial(self) -> jax.tree_util.Partial:
+    """This map as a `jax.tree_util.Partial` ([..., H, d] -> [..., H, D], the parameters its
+    leaves): what the core takes as `key_feature_map` to recompute window features."""
+    if self.kind == "hedgehog":
+      return jax.tree_util.Partial(hedgehog_of, self.w[...])
+    return jax.tree_util.Partial(elu_plus_one if self.kind == "elu" else identity)
 
 
 class Gate(nnx.Module):

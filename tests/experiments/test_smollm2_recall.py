@@ -19,7 +19,7 @@ def test_rows_score_with_their_windows_maps_and_other_maps_are_refused(tmp_path)
     "--contexts=512",
     "--prompts=1",
     "--depths=1",
-    "--methods=teacher,lola64_sre,lola64_sre_c256",
+    "--methods=teacher,lola64_sre,lola64_sre_c256,lola64_sre_c256_lean",
     f"--workdir={tmp_path}",
     "--stages=recall,perplexity",
     "--perplexity_lengths=512",
@@ -27,7 +27,7 @@ def test_rows_score_with_their_windows_maps_and_other_maps_are_refused(tmp_path)
   )
   out = run_module("experiments.smollm2.recall", *args, timeout=1200).stdout
   cells = {c["method"]: c for c in map(json.loads, open(tmp_path / "cells.jsonl"))}
-  assert set(cells) == {"teacher", "lola64_sre", "lola64_sre_c256"}
+  assert set(cells) == {"teacher", "lola64_sre", "lola64_sre_c256", "lola64_sre_c256_lean"}
   assert "feature_maps" not in cells["teacher"]
   c64 = methods.feature_maps_id(pretrained.SMOLLM2_FEATURE_MAPS)
   c256 = methods.feature_maps_id(pretrained.SMOLLM2_REFITTED_FEATURE_MAPS[256])
@@ -36,6 +36,12 @@ def test_rows_score_with_their_windows_maps_and_other_maps_are_refused(tmp_path)
     cells["lola64_sre_c256"]["feature_maps"] == c256 and cells["lola64_sre_c256"]["window"] == 256
   )
   assert "LoLA C256 cache 64 sre" in out
+  # The state that recomputes its window's features: same prompt, same scores up to rounding,
+  # and 2C D float32 values fewer per kv head and layer (30 layers x 3 heads x 512 x 128 x 4 B).
+  stored, lean = cells["lola64_sre_c256"], cells["lola64_sre_c256_lean"]
+  assert lean["window_features"] == "recomputed" and lean["feature_maps"] == c256
+  assert abs(lean["margin"] - stored["margin"]) <= 1e-3 * max(1.0, abs(stored["margin"]))
+  assert stored["state_bytes"] - lean["state_bytes"] == 30 * 3 * 2 * 256 * 128 * 4
   results = json.load(open(tmp_path / "results.json"))
   assert {r["method"] for r in results} == set(cells)
   ppl = {r["method"]: r for r in json.load(open(tmp_path / "perplexity.json"))}

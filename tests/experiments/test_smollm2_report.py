@@ -153,5 +153,10 @@ def test_rows_run_the_maps_fitted_to_their_window():
   c256 = pretrained.SMOLLM2_REFITTED_FEATURE_MAPS[256]
   assert rows["lola64_sre_c256"].feature_maps_file() == c256
   assert rows["hybrid_c256"].feature_maps_file() == c256
+  lean = rows["lola64_sre_c256_lean"]
+  assert lean.feature_maps_file() == c256 and (lean.chunk_size, lean.cache_size) == (256, 64)
+  base = ModelConfig()
+  assert lean.model_config(base).lola.window_features == "recomputed"
+  assert rows["lola64_sre_c256"].model_config(base).lola.window_features == "stored"
   for name in ("lola64_sre_c256_m64", "hybrid_c256_m64", "lola64_sre", "hybrid", "hybrid_wide"):
     assert rows[name].feature_maps_file() == pretrained.SMOLLM2_FEATURE_MAPS, name

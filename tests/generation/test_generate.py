@@ -3,6 +3,7 @@ tokens, streaming, constant state size, and 8 simulated devices."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -16,6 +17,7 @@ import pytest
 from lola_jax import generate as gen
 from lola_jax import model
 from lola_jax.core.config import LoLAConfig
+from lola_jax.evaluation.memory import model_state_bytes
 
 TINY = model.ModelConfig(
   vocab_size=64,
@@ -88,6 +90,32 @@ def test_padded_batch_rows_equal_rows_alone_and_stream_equals_generate(tiny_para
   assert (other.tokens != out.tokens).any()
 
 
+def test_recomputed_window_features_generate_alike_in_a_smaller_state(tiny_params):
+  """A model whose LoLA state keeps no window features (recomputed by each layer's key map)
+  greedily generates the tokens of the stored variant, with logits within float32 rounding."""
+  lean = TINY.replace(lola=dataclasses.replace(TINY.lola, window_features="recomputed"))
+  prompts = np.random.RandomState(1).randint(1, 64, (2, 9)).astype(np.int32)
+  kw = dict(max_new_tokens=15, block_size=8)  # C = 4: several chunk ends in prefill and decode
+  ref = gen.generate(TINY, tiny_params, prompts, [9, 5], **kw)
+  out = gen.generate(lean, tiny_params, prompts, [9, 5], **kw)
+  np.testing.assert_array_equal(out.tokens, ref.tokens)
+  assert not out.states[0].stores_window_features
+  one_row = model_state_bytes(lean, 0)
+  assert gen.state_bytes(model.bind(lean, tiny_params).init_states(1)) == one_row
+  assert one_row < model_state_bytes(TINY, 0)
+  logits = []
+  for config in (TINY, lean):
+    m = model.bind(config, tiny_params)
+    y, states = m.prefill(prompts[:, :6])
+    steps = [y[:, -1]]
+    for t in range(6, 9):
+      y, states = m.decode(prompts[:, t], states)
+      steps.append(y)
+    logits.append(np.stack(steps, 1))
+  err = np.sqrt(np.mean((logits[1] - logits[0]) ** 2) / np.mean(logits[0] ** 2))
+  assert err <= 1e-5
+
+
 def test_sample_logits_filters():
   logits = jax.numpy.asarray(np.random.RandomState(0).randn(4, 50).astype(np.float32))
   keys = jax.random.split(jax.random.key(0), 4)
@@ -150,7 +178,7 @@ _SHARDED = textwrap.dedent(
   from lola_jax.core.config import LoLAConfig
   cfg = model.ModelConfig(vocab_size=64, num_layers=1, d_model=32, num_heads=4, num_kv_heads=2,
                           head_dim=8, mlp_dim=64, attention=ATTN, feature_dim=4,
-                          lola=LoLAConfig(chunk_size=4, cache_size=4))
+                          lola=LoLAConfig(chunk_size=4, cache_size=4, window_features=FEATURES))
   p = model.init_params(cfg, jax.random.key(0))
   prompts = np.random.RandomState(0).randint(1, 64, (4, 7)).astype(np.int32)
   lengths = [7, 3, 5, 2]
@@ -166,11 +194,15 @@ _SHARDED = textwrap.dedent(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("attention", ["lola"])
-def test_sharded_generation_on_8_cpu_devices(attention):
+@pytest.mark.parametrize("attention, features", [("lola", "stored"), ("lola", "recomputed")])
+def test_sharded_generation_on_8_cpu_devices(attention, features):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
   proc = subprocess.run(
-    [sys.executable, "-c", _SHARDED.replace("ATTN", repr(attention))],
+    [
+      sys.executable,
+      "-c",
+      _SHARDED.replace("ATTN", repr(attention)).replace("FEATURES", repr(features)),
+    ],
     env=env,
     capture_output=True,
     text=True,
@@ -181,3 +213,17 @@ def test_sharded_generation_on_8_cpu_devices(attention):
   res = json.loads(proc.stdout.strip().splitlines()[-1])
   assert res["devices"] == 8 and res["equal"], res
   assert any("data" in s and "tensor" in s for s in res["specs"]), res["specs"]
+
+
+@pytest.mark.slow  # two subprocesses that load and compile a model
+def test_cli_window_features_recomputed_generates_the_stored_tokens(tmp_path):
+  from cli_helpers import run_module
+  from hf_helpers import save_tiny_llama  # needs torch and transformers (test-only)
+
+  save_tiny_llama(tmp_path, "gqa")
+  flags = (f"--hf_path={tmp_path}", "--attention=lola", "--chunk_size=4", "--cache_size=2",
+           "--prompt_ids=" + ",".join(str(i) for i in range(1, 20)), "--max_new_tokens=12",
+           "--stop_tokens=-1")  # fmt: skip
+  stored = run_module("experiments.generate", *flags)
+  lean = run_module("experiments.generate", *flags, "--window_features=recomputed")
+  assert stored.stdout.strip() and lean.stdout == stored.stdout
