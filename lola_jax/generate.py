@@ -211,6 +211,12 @@ def decode_block(
 ):
   """Up to `min(limit, block_size)` sample-and-feed steps, stopping early when all rows are done.
 
+  With LoLA / hybrid layers the steps run in segments that end where a row completes its chunk:
+  the tokens of a segment decode with the chunk-end update deferred (`LoLALM.decode(...,
+  end_chunk=False)`, no control flow in the per-token loop), then `LoLALM.end_chunks` runs once
+  for the rows that completed, under `lax.cond`. (A `lax.cond` in every token's step makes
+  XLA:CPU copy the decode states around it on every token: `lola_jax.core.compiler`.)
+
   Args:
     states: per-layer decode states; logits: float32 [B, V] of the next token; done: bool [B];
     count: int32 [B] tokens generated so far per row; keys: [B] row keys; limit: int32 scalar;
@@ -229,11 +235,10 @@ def decode_block(
       return st
     return jax.lax.with_sharding_constraint(st, state_sharding.shardings)
 
-  def cond(carry):
-    i, _, _, _, done, _ = carry
-    return (i < jnp.minimum(limit, block_size)) & ~jnp.all(done)
+  stop = jnp.minimum(limit, block_size)
+  windowed = config.kind.windowed
 
-  def body(carry):
+  def step(carry):  # one sampled token fed to every row
     i, out, states, logits, done, count = carry
     step_keys = jax.vmap(jax.random.fold_in)(keys, count)
     tok = sample_logits(logits, step_keys, sampling)
@@ -242,12 +247,33 @@ def decode_block(
     count = count + (~done).astype(jnp.int32)
     done = done | jnp.any(tok[:, None] == stops[None, :], axis=-1)
     with _mesh_of(state_sharding):
-      logits, states = lm.decode(tok, states)
+      logits, states = lm.decode(tok, states, end_chunk=not windowed)
     return i + 1, out, constrain(states), logits.astype(jnp.float32), done, count
+
+  def steps_until(end):
+    return lambda carry: (carry[0] < end) & ~jnp.all(carry[4])
 
   out = jnp.full((b, block_size), pad_id, jnp.int32)
   carry = (jnp.int32(0), out, constrain(states), logits, done, count)
-  i, out, states, logits, done, count = jax.lax.while_loop(cond, body, carry)
+  if not windowed:
+    carry = jax.lax.while_loop(steps_until(stop), step, carry)
+  else:
+    c = config.lola.chunk_size
+
+    def segment(carry):
+      i, states = carry[0], carry[2]
+      phase = states[0].num_tokens % c  # every row advances each step, done rows included
+      end = i + jnp.minimum(jnp.min(c - phase), stop - i)
+      carry = jax.lax.while_loop(steps_until(end), step, carry)
+      complete = phase + (carry[0] - i) == c
+      with _mesh_of(state_sharding):
+        states = jax.lax.cond(
+          jnp.any(complete), lambda st: lm.end_chunks(st, complete), lambda st: st, carry[2]
+        )
+      return carry[:2] + (constrain(states),) + carry[3:]
+
+    carry = jax.lax.while_loop(steps_until(stop), segment, carry)
+  i, out, states, logits, done, count = carry
   return out, states, logits, done, count, i
 
 

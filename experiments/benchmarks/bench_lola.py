@@ -37,6 +37,8 @@ from absl import app, flags
 
 import lola_jax
 from lola_jax import LoLAConfig, lola_decode, lola_prefill
+from lola_jax import generate as gen
+from lola_jax import model as model_lib
 from lola_jax.core import scan as core_scan
 from lola_jax.core import selection
 from pallas_kernels.equations import gate_terms, self_recall_error
@@ -298,6 +300,46 @@ def _library_loop_seconds(state0, xs, gate, lam, repeats):
   return _median_time(lambda: run(state=state0), repeats) / xs[0].shape[0]
 
 
+def _generation_loop_seconds(state0, lam, steps, repeats):
+  """Seconds per token of `lola_jax.generate.decode_block` (sampling and the model's decode in
+  one jitted loop) for a 1-layer `LoLALM` whose attention has this benchmark's shapes (8 query /
+  8 kv heads of 64, Hedgehog D = 128) on a narrow residual stream (E = 64, MLP 64, vocabulary
+  256: about 0.3 MFLOP and 0.5 MiB of weights per token outside attention), continuing from the
+  core state `state0`. Each timed block decodes `steps` tokens from the previous block's states
+  (they are donated)."""
+  config = model_lib.ModelConfig(
+    vocab_size=256,
+    num_layers=1,
+    d_model=64,
+    num_heads=HEADS,
+    num_kv_heads=KV_HEADS,
+    head_dim=HEAD_DIM,
+    mlp_dim=64,
+    attention="lola",
+    feature_dim=FEATURES // 2,
+    lola=LoLAConfig(chunk_size=CHUNK, cache_size=lam),
+  )
+  params = model_lib.init_params(config, jax.random.key(0))
+  args = (
+    jnp.zeros((1, config.vocab_size), jnp.float32),  # logits
+    jnp.zeros((1,), bool),  # done
+    jnp.zeros((1,), jnp.int32),  # count
+    jax.random.split(jax.random.key(1), 1),
+    jnp.int32(steps),  # limit
+    jnp.full((1,), -1, jnp.int32),  # stop tokens: none
+    jnp.int32(0),  # pad id
+  )
+  block = functools.partial(gen.decode_block, config, sampling=gen.Sampling(), block_size=steps)
+  states = (jax.tree.map(jnp.copy, state0),)
+  states = jax.block_until_ready(block(params, states, *args)[1])  # compile
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    states = jax.block_until_ready(block(params, states, *args)[1])
+    times.append(time.perf_counter() - start)
+  return statistics.median(times) / steps
+
+
 def bench_decode(pos, lam, steps, repeats):
   state0, tokens, xs, gate, decode, loop = _decode_setup(pos, lam, steps)
   state = state0
@@ -309,6 +351,7 @@ def bench_decode(pos, lam, steps, repeats):
     lat.append(time.perf_counter() - start)
   in_loop = _median_time(lambda: loop(state0, xs), repeats) / steps
   library = _library_loop_seconds(state0, xs, gate, lam, repeats)
+  generation = _generation_loop_seconds(state0, lam, steps, repeats)
   stream_single, stream_loop = _stream_seconds(state0, repeats)
   return dict(
     position=pos,
@@ -317,6 +360,7 @@ def bench_decode(pos, lam, steps, repeats):
     single_mean_ms=statistics.mean(lat) * 1e3,
     loop_ms=in_loop * 1e3,
     steps_loop_ms=None if library is None else library * 1e3,
+    generation_ms=generation * 1e3,
     stream_single_ms=stream_single * 1e3,
     stream_loop_ms=stream_loop * 1e3,
     state_bytes=sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(state0)),
@@ -418,7 +462,9 @@ def report(res):
     "Decode, ms per token (single call: median / mean of consecutive `lola_decode` calls, chunk "
     "ends in the mean; scan: one jitted `lax.scan` of `lola_decode` over the tokens (a user's "
     "loop, `decode_compiler_options`); library loop: `lola_decode_steps` over the same tokens; "
-    "stream: one jitted reduction over the state's arrays, per pass inside a loop):",
+    "generation: `lola_jax.generate.decode_block` of a 1-layer model with this attention, "
+    "sampling included; stream: one jitted reduction over the state's arrays, per pass inside a "
+    "loop):",
     "",
   ]
   rows = []
@@ -431,11 +477,13 @@ def report(res):
         f"{r['single_median_ms']:.3f} / {r['single_mean_ms']:.3f}",
         f"{r['loop_ms']:.3f}",
         _ms(r.get("steps_loop_ms")),
+        _ms(r.get("generation_ms")),
         f"{r['stream_loop_ms']:.3f}",
         f"{_best_loop_ms(r) / r['stream_loop_ms']:.1f}x",
         f"{b['single_median_ms']:.3f} / {b['single_mean_ms']:.3f}" if b else "-",
         f"{b['loop_ms']:.3f}" if b else "-",
         _ms(b.get("steps_loop_ms")) if b else "-",
+        _ms(b.get("generation_ms")) if b else "-",
         f"{r['state_bytes'] / 2**20:.1f} MiB",
       ]
     )
@@ -447,11 +495,13 @@ def report(res):
         "single call",
         "scan",
         "library loop",
+        "generation",
         "stream state",
         "best loop / stream",
         "base single call",
         "base scan",
         "base library loop",
+        "base generation",
         "state",
       ],
       rows,
@@ -521,7 +571,8 @@ def main(argv):
       r = res["decode"][-1]
       print(
         f"  decode pos={pos} L={lam}: single {r['single_median_ms']:.3f} ms, scan "
-        f"{r['loop_ms']:.3f} ms, library loop {_ms(r['steps_loop_ms'])} ms, stream "
+        f"{r['loop_ms']:.3f} ms, library loop {_ms(r['steps_loop_ms'])} ms, generation "
+        f"{_ms(r['generation_ms'])} ms, stream "
         f"{r['stream_loop_ms']:.3f} ms",
         flush=True,
       )

@@ -956,6 +956,7 @@ def lola_decode(
   state: LoLAState,
   prior_positions=None,
   key_feature_map=None,
+  end_chunk: bool = True,
 ):
   """Appends one token per row and returns its LoLA output.
 
@@ -971,7 +972,10 @@ def lola_decode(
     With policy "sre_below", `prior_positions` [B, P] int are the positions the layer below
     holds after its own step for this token (see `lola_prefill`). With
     `config.window_features="recomputed"`, `key_feature_map` (as `lola_prefill`) recomputes
-    phi_k of the window when a chunk completes.
+    phi_k of the window when a chunk completes. `end_chunk=False` defers the chunk-end update:
+    a token that completes its row's chunk leaves the full chunk in place (num_tokens counts
+    it), and `lola_end_chunk` must run for that row before its next token (a decode loop does
+    it once per chunk, outside its per-token body: `lola_decode_steps`, `lola_jax.generate`).
   """
   fn = "lola_decode"
   if not isinstance(config, LoLAConfig):
@@ -982,10 +986,69 @@ def lola_decode(
   validation.check_prior_positions(fn, prior_positions, config.policy, sizes["B"])
   check_key_feature_map(fn, key_feature_map, config)
   gates = gate_terms(gate, gate_logit)
+  if not isinstance(end_chunk, bool):
+    raise ValueError(f"{fn}: end_chunk must be a bool, got {end_chunk!r}")
   return _lola_decode(
     q, k, v, phi_q, phi_k, gates, config=config, state=state, prior_positions=prior_positions,
+    key_feature_map=key_feature_map, roll=end_chunk,
+  )  # fmt: skip
+
+
+def lola_end_chunk(
+  state: LoLAState,
+  complete,
+  *,
+  config: LoLAConfig,
+  prior_positions=None,
+  key_feature_map=None,
+) -> LoLAState:
+  """The chunk-end update that `lola_decode(end_chunk=False)` deferred, for the rows in
+  `complete`: the window's pairs and the cache compete for the cache, the losers are absorbed
+  into (H, s), the chunk becomes the window and a new chunk starts.
+
+  Args:
+    state: the LoLAState after the deferred token.
+    complete: bool [B], the rows whose last token completed their chunk and whose update is
+      pending (a row whose num_tokens is not a multiple of C is left alone whatever it says;
+      naming a row already updated would update it twice).
+    config, prior_positions, key_feature_map: as `lola_decode`.
+
+  Returns:
+    The state with those rows' chunk ends done, every other row unchanged.
+  """
+  fn = "lola_end_chunk"
+  if not isinstance(config, LoLAConfig):
+    raise ValueError(f"{fn}: config must be a LoLAConfig, got {type(config).__name__}")
+  if not isinstance(state, LoLAState):
+    raise ValueError(f"{fn}: state must be a LoLAState, got {type(state).__name__}")
+  sizes = {"B": state.batch, "Hkv": state.num_kv_heads, "dk": state.key_dim}
+  sizes.update({"dv": state.value_dim, "D": state.feature_dim})
+  validation.check_state(fn, state, config, sizes)
+  dtype = getattr(complete, "dtype", None)
+  if dtype != jnp.bool_ or complete.shape != (state.batch,):
+    raise ValueError(
+      f"{fn}: complete must be a bool array of shape [B]=[{state.batch}], got "
+      f"{getattr(complete, 'shape', None)} {dtype}"
+    )
+  validation.check_prior_positions(fn, prior_positions, config.policy, state.batch)
+  check_key_feature_map(fn, key_feature_map, config)
+  return _lola_end_chunk(
+    state, complete, config=config, prior_positions=prior_positions,
     key_feature_map=key_feature_map,
   )  # fmt: skip
+
+
+@decode_jit(static_argnames=("config",))
+def _lola_end_chunk(state, complete, *, config, prior_positions=None, key_feature_map=None):
+  """The jitted body of `lola_end_chunk`: `_roll_chunk` under `lax.cond`, for rows at a chunk
+  boundary only."""
+  c = config.chunk_size
+  complete = complete & (state.num_tokens % c == 0) & (state.num_tokens > 0)
+  had_window = state.num_tokens - 1 >= c  # before the token that completed the chunk
+  roll = functools.partial(
+    _roll_chunk, config, complete, had_window, prior_positions, key_feature_map
+  )
+  return jax.lax.cond(jnp.any(complete), roll, lambda st: st, state)
 
 
 def _roll_chunk(

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lola_jax import sharding
-from lola_jax.core.scan import lola_decode, lola_prefill
+from lola_jax.core.scan import lola_decode, lola_end_chunk, lola_prefill
 from lola_jax.core.state import init_state
 from lola_jax.model import layers
 from lola_jax.model.feature_maps import FeatureMap, Gate
@@ -142,17 +142,33 @@ class Attention(nnx.Module):
     k = layers.apply_rope(self.k_proj(x), positions, c.rope_theta, c.rope_scaling, r)
     return q, k, self.v_proj(x)
 
-  def attend(self, q, k, v, positions, state, lengths, *, decode: bool, prior):
+  def attend(self, q, k, v, positions, state, lengths, *, decode: bool, prior, end_chunk=True):
     """The kind's mixing of q [B,T,Hq,d], k, v [B,T,Hkv,d]; returns (y [B,T,Hq,d], state).
 
     `state=None` means a fresh sequence in training mode: no state is built or returned.
     `lengths` int [B]: tokens t >= lengths[b] are padding. `prior`: what the layer below handed
-    up (`hand_up`), or None.
+    up (`hand_up`), or None. `end_chunk=False` (decode): a chunk the token completes is left
+    for `end_chunk` (windowed kinds; the others have no chunks).
     """
     raise NotImplementedError
 
+  def end_chunk(self, state, complete, prior):
+    """The chunk-end update a decode with `end_chunk=False` deferred, for the rows in `complete`
+    (bool [B]); `prior` as `attend`. Kinds without chunks return the state as it is."""
+    del complete, prior
+    return state
+
   def __call__(
-    self, x, positions, state=None, lengths=None, *, decode=False, distill=False, prior=None
+    self,
+    x,
+    positions,
+    state=None,
+    lengths=None,
+    *,
+    decode=False,
+    distill=False,
+    prior=None,
+    end_chunk=True,
   ):
     """x [B, T, E] -> (out [B, T, E], state, distill_mse or None).
 
@@ -164,7 +180,9 @@ class Attention(nnx.Module):
     b, t = x.shape[:2]
     if lengths is None:
       lengths = jnp.full((b,), t, jnp.int32)
-    y, state = self.attend(q, k, v, positions, state, lengths, decode=decode, prior=prior)
+    y, state = self.attend(
+      q, k, v, positions, state, lengths, decode=decode, prior=prior, end_chunk=end_chunk
+    )
     mse = None
     if distill:
       target = layers.softmax_attention(
@@ -187,8 +205,8 @@ class SoftmaxAttention(Attention):
       batch, max_len or c.max_seq_len, c.num_kv_heads, c.head_dim, c.compute_dtype
     )
 
-  def attend(self, q, k, v, positions, state, lengths, *, decode: bool, prior):
-    del decode, prior
+  def attend(self, q, k, v, positions, state, lengths, *, decode: bool, prior, end_chunk=True):
+    del decode, prior, end_chunk
     scale = self.config.lola.scale(self.config.head_dim)
     if state is None:
       valid = jnp.ones(q.shape[:2], bool)
@@ -212,8 +230,8 @@ class LinearAttention(Attention):
     c = self.config
     return layers.init_linear_state(batch, c.num_kv_heads, c.phi_dim, c.head_dim)
 
-  def attend(self, q, k, v, positions, state, lengths, *, decode: bool, prior):
-    del positions, decode, prior
+  def attend(self, q, k, v, positions, state, lengths, *, decode: bool, prior, end_chunk=True):
+    del positions, decode, prior, end_chunk
     c = self.config
     t = q.shape[1]
     valid = (jnp.arange(t)[None, :] < lengths[:, None]).astype(jnp.float32)  # [B, T]
@@ -284,7 +302,7 @@ class _WindowedAttention(Attention):
       kv_heads=k.shape[2],
     )
 
-  def attend(self, q, k, v, positions, state, lengths, *, decode: bool, prior):
+  def attend(self, q, k, v, positions, state, lengths, *, decode: bool, prior, end_chunk=True):
     del positions
     config = self.config.lola_config
     phi_q, phi_k, gate_logit = self.phi_q(q), self.phi_k(k), self.gate.logits()
@@ -296,8 +314,9 @@ class _WindowedAttention(Attention):
     if decode:
       xs = (x[:, 0] for x in (q, k, v, phi_q, phi_k))
       y, state = lola_decode(
-        *xs, gate_logit=gate_logit, config=config, state=state, key_feature_map=key_map, **below
-      )
+        *xs, gate_logit=gate_logit, config=config, state=state, key_feature_map=key_map,
+        end_chunk=end_chunk, **below,
+      )  # fmt: skip
       return y[:, None], state
     if state is None:
       return self.fresh_forward(q, k, v, phi_q, phi_k, gate_logit), None
@@ -325,6 +344,12 @@ class _WindowedAttention(Attention):
       batch=k.shape[0],
       kv_heads=k.shape[2],
     )
+
+  def end_chunk(self, state, complete, prior):
+    config = self.config.lola_config
+    key_map = self.phi_k.partial() if config.window_features == "recomputed" else None
+    below = {} if prior is None else {"prior_positions": prior}
+    return lola_end_chunk(state, complete, config=config, key_feature_map=key_map, **below)
 
 
 class HybridAttention(_WindowedAttention):

@@ -37,12 +37,22 @@ class Block(nnx.Module):
     self.mlp = layers.SwiGLU(config.d_model, config.mlp_dim, dtype=dt, rngs=rngs)
 
   def __call__(
-    self, x, positions, state=None, lengths=None, *, decode=False, distill=False, prior=None
+    self,
+    x,
+    positions,
+    state=None,
+    lengths=None,
+    *,
+    decode=False,
+    distill=False,
+    prior=None,
+    end_chunk=True,
   ):
     """x [B, T, E] -> (x [B, T, E], state, distill_mse or None); see `Attention.__call__`."""
     h, state, mse = self.attn(
-      self.attn_norm(x), positions, state, lengths, decode=decode, distill=distill, prior=prior
-    )
+      self.attn_norm(x), positions, state, lengths, decode=decode, distill=distill, prior=prior,
+      end_chunk=end_chunk,
+    )  # fmt: skip
     x = x + h
     x = x + self.mlp(self.mlp_norm(x))
     return x, state, mse
@@ -82,13 +92,18 @@ class LoLALM(nnx.Module):
     """Whether layers pass their sparse-cache positions up (LoLA with policy "sre_below")."""
     return self.config.kind.stacks_selection(self.config)
 
-  def _run(self, tokens, positions, states, lengths, *, decode=False, distill=False):
+  def _run(
+    self, tokens, positions, states, lengths, *, decode=False, distill=False, end_chunk=True
+  ):
     x = self.embed(tokens)
     new_states, mses = [], []
     prior = None  # what the layer below handed up
     for i, block in enumerate(self.blocks):
       st = None if states is None else states[i]
-      x, st, mse = block(x, positions, st, lengths, decode=decode, distill=distill, prior=prior)
+      x, st, mse = block(
+        x, positions, st, lengths, decode=decode, distill=distill, prior=prior,
+        end_chunk=end_chunk,
+      )  # fmt: skip
       prior = None if st is None else block.attn.hand_up(st)
       new_states.append(st)
       mses.append(mse)
@@ -169,12 +184,32 @@ class LoLALM(nnx.Module):
     out, states, _ = self._run(tokens, positions, states, jnp.asarray(lengths, jnp.int32))
     return out, states
 
-  def decode(self, tokens: jax.Array, states) -> tuple[jax.Array, Any]:
-    """One token per row: int [B] -> (logits [B, V], states)."""
+  def decode(self, tokens: jax.Array, states, *, end_chunk: bool = True) -> tuple[jax.Array, Any]:
+    """One token per row: int [B] -> (logits [B, V], states).
+
+    `end_chunk=False` defers the chunk-end updates of a token that completes its row's chunk
+    (LoLA / hybrid layers): `end_chunks` must run for those rows before their next token. A
+    decode loop does so once per chunk, so that its per-token body holds no control flow
+    (`lola_jax.generate`; `lola_jax.core.compiler` says why that matters on CPU).
+    """
     positions = states[0].num_tokens[:, None]
     lengths = jnp.ones((tokens.shape[0],), jnp.int32)
-    out, states, _ = self._run(tokens[:, None], positions, states, lengths, decode=True)
+    out, states, _ = self._run(
+      tokens[:, None], positions, states, lengths, decode=True, end_chunk=end_chunk
+    )
     return out[:, 0], states
+
+  def end_chunks(self, states, complete: jax.Array) -> tuple[Any, ...]:
+    """The chunk-end updates `decode(end_chunk=False)` deferred, layer by layer from the bottom
+    (a "sre_below" layer ranks by what the layer below holds after its own update, as in
+    `decode`), for the rows in `complete` (bool [B]); other rows and kinds without chunks are
+    unchanged."""
+    new_states, prior = [], None
+    for block, st in zip(self.blocks, states, strict=True):
+      st = block.attn.end_chunk(st, complete, prior)
+      prior = block.attn.hand_up(st)
+      new_states.append(st)
+    return tuple(new_states)
 
   def with_lola_config(
     self, attention: str | None = None, lola: LoLAConfig | None = None, **changes

@@ -242,3 +242,40 @@ def test_decode_loop_with_rows_at_different_chunk_phases():
   # Row 1 is a plain 40-token sequence: the float64 reference.
   ref = lola_reference(*(x[1:] for x in inputs[:5]), inputs[5], config=config)
   assert rel_rms(y_loop[1:], ref[:, 9:]) <= TOL
+
+
+def test_deferred_chunk_ends_equal_decode():
+  """`lola_decode(end_chunk=False)` per token and `lola_end_chunk` for the rows that completed
+  (rows at different chunk phases, C = 5, several chunk ends) == plain `lola_decode`: outputs and
+  states; and the float64 reference for the row that is a plain sequence."""
+  inputs = make_inputs(seed=10, time=31, batch=2)
+  config = LoLAConfig(chunk_size=5, cache_size=3)
+  _, s0 = lola_prefill(*time_slice(inputs, 0, 8), config=config, lengths=jnp.asarray([6, 8]))
+  y_steps, s_steps = _token_by_token(inputs, 8, 31, config, s0)
+  ys, st = [], s0
+  for t in range(8, 31):
+    y, st = lola_decode(*time_step(inputs, t), config=config, state=st, end_chunk=False)
+    st = scan.lola_end_chunk(st, st.num_tokens % 5 == 0, config=config)
+    ys.append(y)
+  chex.assert_trees_all_close(jnp.stack(ys, axis=1), y_steps, rtol=1e-6, atol=1e-6)
+  chex.assert_trees_all_close(st, s_steps, rtol=1e-6, atol=1e-6)
+  ref = lola_reference(*(x[1:] for x in inputs[:5]), inputs[5], config=config)
+  assert rel_rms(jnp.stack(ys, axis=1)[1:], ref[:, 8:]) <= TOL
+  # Rows not at a chunk boundary are left alone whatever `complete` says.
+  _, mid = lola_decode(*time_step(inputs, 8), config=config, state=s0, end_chunk=False)
+  again = scan.lola_end_chunk(mid, jnp.asarray([True, True]), config=config)  # 7 and 9 tokens
+  chex.assert_trees_all_equal(again, mid)
+
+
+def test_end_chunk_validates_its_inputs():
+  inputs = make_inputs(seed=11, time=6)
+  config = LoLAConfig(chunk_size=5, cache_size=3)
+  _, s0 = lola_prefill(*inputs, config=config)
+  with pytest.raises(ValueError, match=r"lola_end_chunk: complete must be a bool array .*\[2\]"):
+    scan.lola_end_chunk(s0, jnp.asarray([1, 0]), config=config)
+  with pytest.raises(ValueError, match=r"lola_end_chunk: complete must be a bool array"):
+    scan.lola_end_chunk(s0, jnp.asarray([True]), config=config)
+  with pytest.raises(ValueError, match="lola_end_chunk: state was built for cache_size=3"):
+    scan.lola_end_chunk(s0, jnp.asarray([True, False]), config=LoLAConfig(chunk_size=5))
+  with pytest.raises(ValueError, match="end_chunk must be a bool"):
+    lola_decode(*time_step(inputs, 5), config=config, state=s0, end_chunk=0)
