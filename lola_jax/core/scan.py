@@ -1051,6 +1051,16 @@ def _lola_end_chunk(state, complete, *, config, prior_positions=None, key_featur
   return jax.lax.cond(jnp.any(complete), roll, lambda st: st, state)
 
 
+def _write_slot(buf, x, slot, *, rows: int):
+  """buf [B, Hkv, C, d] with x [B, Hkv, d] written at slot[b] of each row b: one
+  `dynamic_update_slice` per row (rows is B, static), which XLA updates in place in a loop
+  carry."""
+  for i in range(rows):
+    start = (jnp.int32(i), jnp.int32(0), slot[i].astype(jnp.int32), jnp.int32(0))
+    buf = jax.lax.dynamic_update_slice(buf, x[i : i + 1, :, None, :], start)
+  return buf
+
+
 def _roll_chunk(
   config, complete, has_window, prior_positions, key_feature_map, st: LoLAState
 ) -> LoLAState:
@@ -1131,23 +1141,27 @@ def _lola_decode(
       config, q, k, v, phi_q, phi_k, grouped, state, slot
     )
   else:
-    # The token goes into slot r of each row's chunk buffer by index (an in-place update where
-    # the buffer is donated or a loop carry), and the softmax over [cache; window; chunk] is
-    # taken part by part: nothing of the state is concatenated or copied.
-    write = jax.vmap(lambda buf, x, i: jax.lax.dynamic_update_index_in_dim(buf, x, i, axis=1))
-    chunk_k = write(state.chunk_k, k.astype(store), r)
-    chunk_v = write(state.chunk_v, v.astype(store), r)
+    # The softmax over [cache; window; chunk so far; the token] is taken part by part, the
+    # token's own key apart: the attention reads the chunk buffer as it was, and the only writer
+    # of the buffer is the update of slot r (in place where the buffer is donated or a loop
+    # carry). Reading the written buffer instead makes XLA:CPU fuse the update into both of
+    # its readers and copy the buffer twice per token. Nothing of the state is concatenated.
+    write = functools.partial(_write_slot, rows=b)
+    k_new, v_new = k.astype(store), v.astype(store)
+    chunk_k = write(state.chunk_k, k_new, r)
+    chunk_v = write(state.chunk_v, v_new, r)
     chunk_phi = state.chunk_phi_k  # empty without stored window features
     if state.stores_window_features:
       chunk_phi = write(chunk_phi, phi_k.astype(store), r)
     q_rows = q.reshape(b, hkv, hq // hkv, q.shape[-1])  # [B, Hkv, G, dk]: one row per head
-    in_chunk = (jnp.arange(c)[None, :] <= r[:, None])[:, None, None, :]  # [B, 1, 1, C]
+    before = (jnp.arange(c)[None, :] < r[:, None])[:, None, None, :]  # [B, 1, 1, C]
     shift, s_soft, n_soft = _softmax_parts(
       q_rows,
       [
         (state.cache_k, state.cache_v, state.cache_valid[:, :, None, :]),
         (state.window_k, state.window_v, has_window[:, None, None, None]),
-        (chunk_k, chunk_v, in_chunk),
+        (state.chunk_k, state.chunk_v, before),
+        (k_new[:, :, None, :], v_new[:, :, None, :], jnp.ones((1, 1, 1, 1), bool)),
       ],
       scale=config.scale(q.shape[-1]),
       acc=state.linear_h.dtype,
