@@ -109,6 +109,8 @@ def accuracy_vs_bytes(rows, path, context, tasks=("passkey", "niah", "mqar")):
 def depth_heatmaps(cells, path, task="passkey"):
   """NIAH-style heat maps: accuracy over needle depth (rows) x context (columns), per method."""
   cells = [c for c in cells if c["task"] == task]
+  if not cells:
+    raise ValueError(f"depth_heatmaps: no cells of task {task!r} to plot")
   labels = method_labels(cells)
   contexts = sorted({c["context"] for c in cells})
   depths = sorted({c["depth"] for c in cells})

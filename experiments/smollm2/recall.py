@@ -19,8 +19,8 @@ only the attention differs. Stages:
 Results go to the workdir as they come (`cells.jsonl`, one line per prompt, so a rerun resumes),
 then `results.json` (rows: model, method, task, context, accuracy = teacher-forced,
 greedy_accuracy, state_bytes, full_kv_bytes), `perplexity.json`, `decode.json`, `report.md` and
-`recall.png` (accuracy against context) and `depths.png` (accuracy over needle depth x context,
-per method).
+`recall.png` (accuracy against context) and `depths.png` / `depths_niah.png` (accuracy over
+needle depth x context, per method, for pass-key / needle-in-prose).
 """
 
 from __future__ import annotations
@@ -383,10 +383,13 @@ def main(argv):
   if summary.get("recall"):
     png = report.plot_recall(summary["recall"], os.path.join(workdir, "recall.png"))
     print(f"wrote {png}")
-    if len({c["depth"] for c in cells}) > 1:
-      labels = {m.name: m.label for m in rows}
-      png = report.plot_depths(cells, labels, os.path.join(workdir, "depths.png"))
-      print(f"wrote {png}")
+    labels = {m.name: m.label for m in rows}
+    shown = [c for c in cells if c["method"] in labels]
+    for task in sorted({c["task"] for c in shown}):  # depths.png (pass-key), depths_niah.png
+      if len({c["depth"] for c in shown if c["task"] == task}) > 1:
+        name = "depths.png" if task == "passkey" else f"depths_{task}.png"
+        png = report.plot_depths(shown, labels, os.path.join(workdir, name), task=task)
+        print(f"wrote {png}")
   print(f"wrote {workdir}/results.json, report.md ({summary['seconds'] / 60:.1f} min)")
 
 

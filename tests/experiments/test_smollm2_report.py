@@ -74,6 +74,12 @@ def test_figures_and_table(tmp_path):
     assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG", path
   report.plot_depths(cells, labels, str(tmp_path / "depths.png"))
   assert (tmp_path / "depths.png").stat().st_size > 1000
+  # A run of needle-in-prose only: its own heat map; asking for a task it lacks names the task.
+  niah = [{**c, "task": "niah"} for c in cells]
+  report.plot_depths(niah, labels, str(tmp_path / "depths_niah.png"), task="niah")
+  assert (tmp_path / "depths_niah.png").stat().st_size > 1000
+  with pytest.raises(ValueError, match="no cells of task 'passkey'"):
+    report.plot_depths(niah, labels, str(tmp_path / "none.png"))
 
 
 def test_equal_bytes_window_holds_lolas_bytes_in_the_decode_state():
