@@ -118,7 +118,7 @@ def all_methods(base: ModelConfig, chunk: int = 64) -> dict[str, Method]:
   and `sre` rows with longer windows (chunk 128 and 256, caches 64 and 256; the paper's 4K
   setting is chunk 256, cache 256) with their cache-0 hybrids, each with the maps fitted to
   its window, with the C64 maps ("_m64") and with a state that recomputes the window's
-  features ("_lean")."""
+  features ("_lean"), and the other policies with the C256 window in that state."""
   wide = memory.equal_memory_chunk(
     chunk_size=chunk,
     cache_size=64,
@@ -187,4 +187,9 @@ def all_methods(base: ModelConfig, chunk: int = 64) -> dict[str, Method]:
           **lean,
         )
       )
+  for policy in POLICIES[1:]:  # the other policies with the C256 window and its maps
+    rows.append(
+      Method(f"lola64_{policy}_c256_lean", f"LoLA C256 cache 64 {policy}, lean", "lola", 256, 64,
+             policy, **lean)
+    )  # fmt: skip
   return {m.name: m for m in rows}

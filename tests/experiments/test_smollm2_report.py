@@ -164,5 +164,8 @@ def test_rows_run_the_maps_fitted_to_their_window():
   base = ModelConfig()
   assert lean.model_config(base).lola.window_features == "recomputed"
   assert rows["lola64_sre_c256"].model_config(base).lola.window_features == "stored"
+  for policy in ("recency", "sre_below", "energy"):
+    other = rows[f"lola64_{policy}_c256_lean"]
+    assert other.feature_maps_file() == c256 and other.model_config(base).lola.policy == policy
   for name in ("lola64_sre_c256_m64", "hybrid_c256_m64", "lola64_sre", "hybrid", "hybrid_wide"):
     assert rows[name].feature_maps_file() == pretrained.SMOLLM2_FEATURE_MAPS, name
