@@ -77,9 +77,8 @@ def key_features(key_feature_map, k: jax.Array, valid: jax.Array, feature_dim: i
 def with_window_features(state: LoLAState, key_feature_map) -> LoLAState:
   """The state with phi_k of its window (when it has one) and of the current chunk's tokens
   recomputed: the layout of window_features="stored", for the prefill scan."""
-  c = state.chunk_size
-  has_window = (state.num_tokens >= c)[:, None, None]  # [B, 1, 1]
-  in_chunk = (jnp.arange(c)[None, :] < (state.num_tokens % c)[:, None])[:, None, :]
+  has_window = (state.window_positions >= 0)[:, None, :]  # [B, 1, C]
+  in_chunk = (state.chunk_positions >= 0)[:, None, :]
   return dataclasses.replace(
     state,
     window_phi_k=key_features(key_feature_map, state.window_k, has_window, state.feature_dim),

@@ -1040,15 +1040,21 @@ def lola_end_chunk(
 
 @decode_jit(static_argnames=("config",))
 def _lola_end_chunk(state, complete, *, config, prior_positions=None, key_feature_map=None):
-  """The jitted body of `lola_end_chunk`: `_roll_chunk` under `lax.cond`, for rows at a chunk
-  boundary only."""
+  """The jitted body of `lola_end_chunk`: `_end_chunk` for rows at a chunk boundary only."""
   c = config.chunk_size
   complete = complete & (state.num_tokens % c == 0) & (state.num_tokens > 0)
-  had_window = state.num_tokens - 1 >= c  # before the token that completed the chunk
+  return _end_chunk(config, state, complete, prior_positions, key_feature_map)
+
+
+def _end_chunk(config, st: LoLAState, complete, prior_positions, key_feature_map) -> LoLAState:
+  """`_roll_chunk` under `lax.cond` (run only when some row completed): the one chunk end of
+  `_lola_decode`, `_lola_end_chunk` and `_lola_decode_steps`. `st` holds the token that
+  completed the chunk of the rows in `complete` [B]."""
+  had_window = st.num_tokens - 1 >= config.chunk_size  # before that token
   roll = functools.partial(
     _roll_chunk, config, complete, had_window, prior_positions, key_feature_map
   )
-  return jax.lax.cond(jnp.any(complete), roll, lambda st: st, state)
+  return jax.lax.cond(jnp.any(complete), roll, lambda x: x, st)
 
 
 def _write_slot(buf, x, slot, *, rows: int):
@@ -1188,11 +1194,7 @@ def _lola_decode(
   )
   if not roll:
     return y.astype(q.dtype), written
-  complete = r == c - 1
-  rolled = functools.partial(
-    _roll_chunk, config, complete, has_window, prior_positions, key_feature_map
-  )
-  new_state = jax.lax.cond(jnp.any(complete), rolled, lambda st: st, written)
+  new_state = _end_chunk(config, written, r == c - 1, prior_positions, key_feature_map)
   return y.astype(q.dtype), new_state
 
 
@@ -1263,10 +1265,7 @@ def _lola_decode_steps(
     length = jnp.minimum(jnp.min(c - phase), n - i)
     st, ys = jax.lax.fori_loop(i, i + length, token, (st, ys))
     complete = phase + length == c  # the segment's last token completed these rows' chunks
-    had_window = st.num_tokens - 1 >= c  # before that last token
-    roll = functools.partial(_roll_chunk, config, complete, had_window, None, key_feature_map)
-    st = jax.lax.cond(jnp.any(complete), roll, lambda s: s, st)
-    return i + length, st, ys
+    return i + length, _end_chunk(config, st, complete, None, key_feature_map), ys
 
   ys = jnp.zeros((n, q.shape[0], q.shape[2], v.shape[-1]), q.dtype)
   _, state, ys = jax.lax.while_loop(lambda x: x[0] < n, segment, (jnp.int32(0), state, ys))

@@ -307,10 +307,8 @@ class _WindowedAttention(Attention):
     config = self.config.lola_config
     phi_q, phi_k, gate_logit = self.phi_q(q), self.phi_k(k), self.gate.logits()
     below = {} if prior is None else {"prior_positions": prior}
-    # A state without window features recomputes them with the layer's own key map; its
-    # parameters travel as arguments (per-device heads under `kernel_call`).
-    recompute = config.window_features == "recomputed"
-    key_map = self.phi_k.partial() if recompute else None
+    key_map = self.key_feature_map()
+    recompute = key_map is not None
     if decode:
       xs = (x[:, 0] for x in (q, k, v, phi_q, phi_k))
       y, state = lola_decode(
@@ -345,11 +343,20 @@ class _WindowedAttention(Attention):
       kv_heads=k.shape[2],
     )
 
+  def key_feature_map(self):
+    """The layer's key map as the core's `key_feature_map` when its state recomputes window
+    features (`LoLAConfig.window_features`), else None. Its parameters are the Partial's
+    leaves: under `kernel_call` they travel as arguments, split by kv head."""
+    if self.config.lola_config.window_features != "recomputed":
+      return None
+    return self.phi_k.partial()
+
   def end_chunk(self, state, complete, prior):
-    config = self.config.lola_config
-    key_map = self.phi_k.partial() if config.window_features == "recomputed" else None
     below = {} if prior is None else {"prior_positions": prior}
-    return lola_end_chunk(state, complete, config=config, key_feature_map=key_map, **below)
+    return lola_end_chunk(
+      state, complete, config=self.config.lola_config, key_feature_map=self.key_feature_map(),
+      **below,
+    )  # fmt: skip
 
 
 class HybridAttention(_WindowedAttention):
