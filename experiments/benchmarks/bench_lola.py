@@ -8,10 +8,12 @@ version of the code, one large matmul and one pass over the state, all measured 
 Workload (issue 17): float32, batch 1, 8 query and 8 kv heads, head dim 64, Hedgehog features
 D = 128, chunk 64. For every T and cache size: `lola_prefill` tokens/s, achieved GFLOP/s under
 one FLOP model (`prefill_flops`, the same count for both versions) and that as a % of one
-2048^2 matmul's GFLOP/s measured in this run. Decode at several positions: ms per token as a
-single `lola_decode` call (validation, dispatch and the jitted step, chunk ends included in the
-mean) and inside one jitted `lax.scan` over the tokens (the generation loop's form), against the
-time of one jitted reduction over arrays of the state's size (streaming the state once).
+2048^2 matmul's GFLOP/s measured in this run, beside the "matmul floor" (`matmul_floor`: the
+counted matmuls alone, at LoLA's shapes, in a scan over the chunks). Decode at several
+positions: ms per token as a single `lola_decode` call (validation, dispatch and the jitted
+step, chunk ends included in the mean) and inside jitted loops over the tokens (a user's scan,
+`lola_decode_steps`, the generation loop), against the time of one jitted reduction over arrays
+of the state's size (streaming the state once).
 
 The baseline runs the same measurements in a child process on a `git worktree` of REV
 (created under /tmp if missing; the main checkout is not touched), interleaved with ours per
@@ -96,6 +98,43 @@ def prefill_flops(t, lam, c=CHUNK, hq=HEADS, hkv=KV_HEADS, dk=HEAD_DIM, dv=HEAD_
   linear = hq * c * d * (dv + 1) * 2
   update = hkv * (lam + c) * d * (dv + 1) * 2 + hkv * c * d * (dv + 1) * 2 if lam else 0
   return chunks * (attn + linear + update)
+
+
+def matmul_floor(t, lam, c=CHUNK, h=HEADS, dk=HEAD_DIM, dv=HEAD_DIM, d=FEATURES):
+  """A program that does exactly the matmuls `prefill_flops` counts, at LoLA's shapes, and
+  nothing else: a `lax.scan` over the T / C chunks whose step multiplies per head q [C, dk] by
+  the keys [L + 2C, dk], the logits by the values [L + 2C, dv], phi_q [C, D] by the state
+  [D, dv + 1], and when L > 0 the L + C candidates' phi_k [L + C, D] by the same state (the
+  self-recall scoring) and adds phi_k^T v of C evicted pairs ([D, C] x [C, dv + 1]) to it.
+  No softmax, masks, selection or gathers: the time XLA needs for the arithmetic alone on
+  matmuls this small, the floor of any XLA form of this FLOP model on this machine.
+
+  Returns (run, args): the jitted program and its inputs; time `run(*args)`."""
+  n = -(-t // c)
+  rng = np.random.default_rng(0)
+
+  def arr(*shape):
+    return jnp.asarray(rng.normal(size=(n, h) + shape), jnp.float32)
+
+  keys = lam + 2 * c
+  xs = (arr(c, dk), arr(keys, dk), arr(keys, dv), arr(c, d), arr(lam + c, d), arr(c, d),
+        arr(c, dv + 1))  # fmt: skip
+
+  def step(state, x):
+    q, k, v, phi_q, phi_cand, phi_out, v_out = x
+    logits = jnp.einsum("hrd,hkd->hrk", q, k)
+    out = jnp.einsum("hrk,hkd->hrd", logits, v)
+    read = jnp.einsum("hrf,hfe->hre", phi_q, state)
+    if lam:
+      scores = jnp.sum(jnp.einsum("hnf,hfe->hne", phi_cand, state))
+      state = state + jnp.einsum("hcf,hce->hfe", phi_out, v_out)
+    else:
+      scores = jnp.zeros(())
+    return state, (out, read, scores)
+
+  run = jax.jit(lambda s0, xs: jax.lax.scan(step, s0, xs))
+  s0 = jnp.asarray(0.01 * rng.normal(size=(h, d, dv + 1)), jnp.float32)
+  return run, (s0, xs)
 
 
 def matmul_gflops(n=2048, repeats=5):
@@ -255,7 +294,8 @@ def profile_decode(pos, lam, repeats):
   }
 
 
-def bench_prefill(t, caches, repeats):
+def bench_prefill(t, caches, repeats, floor=False):
+  """Prefill rows; `floor`: also the matmul floor's seconds (`matmul_floor`)."""
   inputs = _inputs(t)
   rows = []
   for lam in caches:
@@ -265,6 +305,9 @@ def bench_prefill(t, caches, repeats):
     rows.append(
       dict(T=t, cache=lam, seconds=sec, tokens_per_s=t / sec, gflop_per_s=flops / sec / 1e9)
     )
+    if floor:
+      run, args = matmul_floor(t, lam)
+      rows[-1]["floor_seconds"] = _median_time(functools.partial(run, *args), repeats)
   return rows
 
 
@@ -371,7 +414,9 @@ def run_job(job):
   """The measurements of one job dict (also what the baseline child runs)."""
   out = {}
   if "prefill" in job:
-    out["prefill"] = bench_prefill(job["prefill"], job["caches"], job["repeats"])
+    out["prefill"] = bench_prefill(
+      job["prefill"], job["caches"], job["repeats"], job.get("floor", False)
+    )
   if "decode" in job:
     pos, lam = job["decode"]
     out["decode"] = [bench_decode(pos, lam, job["steps"], job["repeats"])]
@@ -414,6 +459,14 @@ def _table(headers, rows):
   return "\n".join(out)
 
 
+def _floor_cells(r, mm):
+  if "floor_seconds" not in r:
+    return "-"
+  f = r["floor_seconds"]
+  pct = 100 * prefill_flops(r["T"], r["cache"]) / f / 1e9 / mm
+  return f"{f * 1e3:.1f} / {pct:.0f}% / {r['seconds'] / f:.2f}x"
+
+
 def report(res):
   mm = res["matmul_gflop_per_s"]
   base = {(r["T"], r["cache"]): r for r in res.get("baseline_prefill", [])}
@@ -435,6 +488,7 @@ def report(res):
         f"{r['tokens_per_s']:.0f}",
         f"{r['gflop_per_s']:.1f}",
         f"{100 * r['gflop_per_s'] / mm:.0f}%",
+        _floor_cells(r, mm),
         f"{b['tokens_per_s']:.0f}" if b else "-",
         f"{100 * b['gflop_per_s'] / mm:.0f}%" if b else "-",
         f"{r['tokens_per_s'] / b['tokens_per_s']:.2f}x" if b else "-",
@@ -449,6 +503,7 @@ def report(res):
         "tokens/s",
         "GFLOP/s",
         "% matmul",
+        "matmul floor: ms / % matmul / ours over floor",
         "base tokens/s",
         "base % matmul",
         "speed-up",
@@ -559,7 +614,7 @@ def main(argv):
   )
   for t in seq_lens:
     job = dict(prefill=t, caches=caches, repeats=repeats)
-    res["prefill"] += run_job(job)["prefill"]
+    res["prefill"] += run_job(dict(job, floor=True))["prefill"]
     for r in res["prefill"][-len(caches) :]:
       print(f"  prefill T={t} L={r['cache']}: {r['tokens_per_s']:.0f} tok/s", flush=True)
     if base_path:

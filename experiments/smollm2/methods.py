@@ -118,7 +118,8 @@ def all_methods(base: ModelConfig, chunk: int = 64) -> dict[str, Method]:
   and `sre` rows with longer windows (chunk 128 and 256, caches 64 and 256; the paper's 4K
   setting is chunk 256, cache 256) with their cache-0 hybrids, each with the maps fitted to
   its window, with the C64 maps ("_m64") and with a state that recomputes the window's
-  features ("_lean"), and the other policies with the C256 window in that state."""
+  features ("_lean"); with the C256 window in that state every policy at caches 16 / 64 / 256
+  and a hybrid with the bytes of its cache-64 row ("hybrid_wide_c256_lean")."""
   wide = memory.equal_memory_chunk(
     chunk_size=chunk,
     cache_size=64,
@@ -187,9 +188,27 @@ def all_methods(base: ModelConfig, chunk: int = 64) -> dict[str, Method]:
           **lean,
         )
       )
-  for policy in POLICIES[1:]:  # the other policies with the C256 window and its maps
-    rows.append(
-      Method(f"lola64_{policy}_c256_lean", f"LoLA C256 cache 64 {policy}, lean", "lola", 256, 64,
-             policy, **lean)
-    )  # fmt: skip
+  # The C256 window with its maps in the lean state: every policy at caches 16 / 64 / 256, and
+  # the cache-0 hybrid with the bytes of its cache-64 row in a wider window (C320).
+  have = {m.name for m in rows}
+  for cache in (16, 64, 256):
+    for policy in POLICIES:
+      if f"lola{cache}_{policy}_c256_lean" not in have:
+        rows.append(
+          Method(f"lola{cache}_{policy}_c256_lean", f"LoLA C256 cache {cache} {policy}, lean",
+                 "lola", 256, cache, policy, **lean)
+        )  # fmt: skip
+  wide_lean = memory.equal_memory_chunk(
+    chunk_size=256,
+    cache_size=64,
+    key_dim=base.head_dim,
+    value_dim=base.head_dim,
+    feature_dim=base.phi_dim,
+    kv_dtype=base.dtype,
+    window_features=False,
+  )
+  rows.append(
+    Method("hybrid_wide_c256_lean", f"hybrid C{wide_lean} (bytes of cache 64), C256 maps, lean",
+           "hybrid", wide_lean, maps_chunk=256, **lean)
+  )  # fmt: skip
   return {m.name: m for m in rows}

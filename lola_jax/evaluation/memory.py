@@ -76,11 +76,13 @@ def equal_memory_chunk(
   value_dim: int,
   feature_dim: int,
   kv_dtype="float32",
+  window_features: bool = True,
 ) -> int:
   """The chunk (window) size C' whose cache-0 state is the closest to, but not above, LoLA's.
 
-  The window holds 2C' tokens, so C' ~ C + lam/2 (slightly less: the cache also stores positions).
-  """
+  The window holds 2C' tokens, so C' ~ C + lam/2 (slightly less: the cache also stores positions);
+  in a state without the window's feature-mapped keys (`window_features=False`) a window token
+  costs less than a cached pair, so C' ~ C + lam (2d + D) / (2 (2d))."""
   one_head = functools.partial(
     lola_state_bytes,
     num_layers=1,
@@ -89,6 +91,7 @@ def equal_memory_chunk(
     value_dim=value_dim,
     feature_dim=feature_dim,
     kv_dtype=kv_dtype,
+    window_features=window_features,
   )
   target = one_head(chunk_size=chunk_size, cache_size=cache_size)
   wide = chunk_size

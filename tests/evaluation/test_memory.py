@@ -52,6 +52,16 @@ def test_equal_memory_chunk():
   assert at(wide) <= lola < at(wide + 1)
   assert wide == 96  # C + lam / 2: the window holds 2C tokens
   assert equal_memory_chunk(chunk_size=64, cache_size=0, **kw) == 64
+  # Without the window's phi_k a window token costs 2d, a cached pair 2d + D (and a position):
+  # C' ~ C + lam (2d + D) / (2 * 2d) = 64 + 64 * 128 / 128, a little less for the positions.
+  lean = equal_memory_chunk(chunk_size=64, cache_size=64, window_features=False, **kw)
+  at_lean = lambda c: lola_state_bytes(
+    num_layers=1, num_kv_heads=1, chunk_size=c, cache_size=0, window_features=False, **kw
+  )
+  target = lola_state_bytes(
+    num_layers=1, num_kv_heads=1, chunk_size=64, cache_size=64, window_features=False, **kw
+  )
+  assert at_lean(lean) <= target < at_lean(lean + 1) and lean == 128
 
 
 def test_model_state_bytes_matches_model_states():

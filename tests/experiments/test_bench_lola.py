@@ -11,6 +11,8 @@ import math
 import pytest
 from cli_helpers import run_module
 
+from experiments.benchmarks import bench_lola
+
 
 def _bench(*args):
   return run_module("experiments.benchmarks.bench_lola", "--quick", *args, timeout=900).stdout
@@ -42,3 +44,15 @@ def test_profile_writes_prefill_and_decode_parts(tmp_path):
   step = parts["in-chunk step (attention over cache + window + chunk, read-out, write)"]
   end = parts["chunk-end update per token (/ C)"]
   assert parts["generation-loop token (in-chunk + update / C)"] == pytest.approx(step + end)
+
+
+@pytest.mark.parametrize("cache", [0, 64])
+def test_matmul_floor_does_the_counted_flops(cache):
+  # XLA's own count of one chunk's step (a while body is counted once) against the FLOP model;
+  # beyond the matmuls the step only adds the absorbed pairs into the state and sums the scores
+  # (2 x 8 x 128 x 65 FLOPs at cache 64).
+  run, args = bench_lola.matmul_floor(bench_lola.CHUNK, cache)
+  cost = run.lower(*args).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  extra = 2 * bench_lola.KV_HEADS * bench_lola.FEATURES * (bench_lola.HEAD_DIM + 1) if cache else 0
+  assert cost["flops"] == bench_lola.prefill_flops(bench_lola.CHUNK, cache) + extra

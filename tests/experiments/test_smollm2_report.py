@@ -82,15 +82,21 @@ def test_figures_and_table(tmp_path):
     report.plot_depths(niah, labels, str(tmp_path / "none.png"))
 
 
-def test_equal_bytes_window_holds_lolas_bytes_in_the_decode_state():
-  # The hybrid_wide row against the state the model really builds (generate.state_bytes of a
-  # prefilled decode state), not against the formula that chose it.
+@pytest.mark.parametrize(
+  "wide_name, lola_name, chunk",
+  [("hybrid_wide", "lola64_sre", 8), ("hybrid_wide_c256_lean", "lola64_sre_c256_lean", 256)],
+)
+def test_equal_bytes_window_holds_lolas_bytes_in_the_decode_state(wide_name, lola_name, chunk):
+  # The equal-bytes hybrid rows against the state the model really builds (generate.state_bytes
+  # of a prefilled decode state), not against the formula that chose them; the lean pair keeps
+  # no phi_k of its window, so a window token costs less than a cached pair.
   base = ModelConfig(
     vocab_size=32, num_layers=1, d_model=32, num_heads=2, num_kv_heads=1, head_dim=16, mlp_dim=32
   )
   rows = methods.all_methods(base, chunk=8)
-  wide, lola = rows["hybrid_wide"], rows["lola64_sre"]
-  assert wide.cache_size == 0 and wide.chunk_size > 8
+  wide, lola = rows[wide_name], rows[lola_name]
+  assert wide.cache_size == 0 and wide.chunk_size > chunk == lola.chunk_size
+  assert wide.window_features == lola.window_features
 
   def measured(m):
     config = m.model_config(base)
@@ -100,7 +106,9 @@ def test_equal_bytes_window_holds_lolas_bytes_in_the_decode_state():
 
   # Not above LoLA's bytes, and one more window token per chunk would be.
   assert measured(wide) <= measured(lola)
-  over = methods.Method("over", "", "hybrid", wide.chunk_size + 1)
+  over = methods.Method(
+    "over", "", "hybrid", wide.chunk_size + 1, window_features=wide.window_features
+  )
   assert measured(over) > measured(lola)
 
 
@@ -164,8 +172,14 @@ def test_rows_run_the_maps_fitted_to_their_window():
   base = ModelConfig()
   assert lean.model_config(base).lola.window_features == "recomputed"
   assert rows["lola64_sre_c256"].model_config(base).lola.window_features == "stored"
-  for policy in ("recency", "sre_below", "energy"):
-    other = rows[f"lola64_{policy}_c256_lean"]
-    assert other.feature_maps_file() == c256 and other.model_config(base).lola.policy == policy
+  for cache in (16, 64, 256):
+    for policy in ("sre", "recency", "sre_below", "energy"):
+      other = rows[f"lola{cache}_{policy}_c256_lean"]
+      assert other.feature_maps_file() == c256 and other.model_config(base).lola.policy == policy
+      assert (other.chunk_size, other.cache_size, other.window_features) == (
+        256, cache, "recomputed"
+      )  # fmt: skip
+  wide = rows["hybrid_wide_c256_lean"]
+  assert wide.feature_maps_file() == c256 and wide.window_features == "recomputed"
   for name in ("lola64_sre_c256_m64", "hybrid_c256_m64", "lola64_sre", "hybrid", "hybrid_wide"):
     assert rows[name].feature_maps_file() == pretrained.SMOLLM2_FEATURE_MAPS, name
