@@ -303,12 +303,71 @@ def kv_cache_write(cache: KVCache, k: jax.Array, v: jax.Array, lengths: jax.Arra
   return KVCache(k=new_k, v=new_v, num_tokens=cache.num_tokens + lengths.astype(jnp.int32))
 
 
-def kv_cache_attention(cache: KVCache, q: jax.Array, q_pos: jax.Array, scale: float) -> jax.Array:
-  """Queries [B, T, Hq, d] at q_pos [B, T] against an (already updated) cache."""
+# Cache slots per block of `kv_cache_attention` for a block of queries.
+KEY_BLOCK = 512
+
+
+def kv_cache_attention(
+  cache: KVCache, q: jax.Array, q_pos: jax.Array, scale: float, *, key_block: int | None = KEY_BLOCK
+) -> jax.Array:
+  """Queries [B, T, Hq, d] at q_pos [B, T] against an (already updated) cache of S slots.
+
+  With T > 1 queries (a prompt prefilled in segments) and S > key_block, the slots are read
+  `key_block` at a time and the softmax is accumulated online, and a block beyond every row's
+  filled slots is skipped (`lax.cond`, so the loop stays differentiable):
+
+      m' = max(m, max_s l_s),  S' = S e^{m - m'} + sum_s e^{l_s - m'},
+      N' = N e^{m - m'} + sum_s e^{l_s - m'} v_s,  y = N / S
+
+  so segment i of a prompt attends to the (i + 1) segments written so far, not to all S slots,
+  one [B, Hq, T, key_block] block of logits at a time. A query that sees no slot gets zeros.
+  Single-token decode (T = 1) reads the whole cache in one product.
+  """
+  b, t = q.shape[:2]
   s = cache.k.shape[1]
-  k_pos = jnp.broadcast_to(jnp.arange(s)[None], (q.shape[0], s))
+  k_pos = jnp.broadcast_to(jnp.arange(s)[None], (b, s))
   k_valid = k_pos < cache.num_tokens[:, None]
-  return softmax_attention(q, cache.k, cache.v, q_pos, k_pos, k_valid, scale)
+  if t == 1 or key_block is None or s <= key_block:
+    return softmax_attention(q, cache.k, cache.v, q_pos, k_pos, k_valid, scale)
+  hkv, dv = cache.k.shape[2], cache.v.shape[-1]
+  qg = q.reshape(b, t, hkv, q.shape[2] // hkv, q.shape[-1])
+  filled = jnp.max(cache.num_tokens)
+  num_blocks = -(-s // key_block)
+
+  def block(j, carry):
+    m, total, acc = carry
+    first = j * key_block
+    start = jnp.minimum(first, s - key_block)  # the last block overlaps the one before it
+    k = jax.lax.dynamic_slice_in_dim(cache.k, start, key_block, axis=1)
+    v = jax.lax.dynamic_slice_in_dim(cache.v, start, key_block, axis=1)
+    pos = start + jnp.arange(key_block)
+    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    seen = (
+      (pos[None, None, :] <= q_pos[:, :, None])
+      & (pos[None, None, :] < cache.num_tokens[:, None, None])
+      & (pos >= first)[None, None, :]
+    )  # [B, T, key_block]
+    logits = jnp.where(seen[:, None, None], logits, -jnp.inf)
+    m_new = jnp.maximum(m, jnp.max(logits, axis=-1, keepdims=True))
+    shift = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+    p = jnp.exp(logits - shift)
+    rescale = jnp.exp(m - shift)
+    total = total * rescale + jnp.sum(p, axis=-1, keepdims=True)
+    pv = jnp.einsum("bkgts,bskd->bkgtd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return m_new, total, acc * rescale + pv
+
+  def maybe_block(j, carry):
+    return jax.lax.cond(j * key_block < filled, block, lambda j, c: c, j, carry)
+
+  rows = qg.shape[:1] + (hkv, qg.shape[3], t)
+  init = (
+    jnp.full(rows + (1,), -jnp.inf, jnp.float32),
+    jnp.zeros(rows + (1,), jnp.float32),
+    jnp.zeros(rows + (dv,), jnp.float32),
+  )
+  _, total, acc = jax.lax.fori_loop(0, num_blocks, maybe_block, init)
+  y = jnp.where(total > 0, acc / jnp.where(total > 0, total, 1.0), 0.0)
+  return y.transpose(0, 3, 1, 2, 4).reshape(b, t, -1, dv).astype(q.dtype)
 
 
 # ------------------------------------------------------------------------------------------------

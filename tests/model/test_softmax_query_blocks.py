@@ -83,3 +83,43 @@ def test_blocks_bound_the_scores_memory():
   assert whole >= scores  # the whole score matrix is materialised
   # A [B, Hq, 256, S] block (1/8 of the scores) at a time; measured: whole 202 MB, blocked 18 MB.
   assert blocked <= scores / 2 and whole >= 8 * blocked, (whole, blocked)
+
+
+def _cache_inputs(t=50, s=230, filled=(200, 150), hq=4, hkv=2, d=16):
+  """A KV cache of s slots, row b filled up to filled[b], and t queries at the last t filled
+  positions of each row (a segment just written)."""
+  b = len(filled)
+  ks = jax.random.split(jax.random.key(2), 3)
+  q = jax.random.normal(ks[0], (b, t, hq, d))
+  k = jax.random.normal(ks[1], (b, s, hkv, d))
+  v = jax.random.normal(ks[2], (b, s, hkv, d))
+  num = jnp.asarray(filled, jnp.int32)
+  cache = layers.KVCache(k=k, v=v, num_tokens=num)
+  q_pos = num[:, None] - t + jnp.arange(t)[None, :]
+  k_pos = jnp.broadcast_to(jnp.arange(s), (b, s))
+  return cache, q, q_pos, (k_pos, k_pos < num[:, None])
+
+
+@pytest.mark.parametrize("key_block", [None, 16, 37, 64, 229])
+def test_cache_attention_by_key_blocks_matches_the_float64_reference(key_block):
+  # Blocks beyond both rows' filled slots (from 200 on at block 16) are skipped; 37 and 229 do
+  # not divide the 230 slots (the last block overlaps the one before it).
+  cache, q, q_pos, (k_pos, k_valid) = _cache_inputs()
+  got = layers.kv_cache_attention(cache, q, q_pos, 0.25, key_block=key_block)
+  want = _reference(q, cache.k, cache.v, q_pos, k_pos, k_valid, 0.25)
+  assert got.shape == q.shape
+  assert _rel_rms(got, want) <= 1e-6
+
+
+def test_cache_attention_by_key_blocks_is_differentiable_and_jits():
+  cache, q, q_pos, _ = _cache_inputs(t=20, s=100, filled=(90, 40))
+  w = jax.random.normal(jax.random.key(3), q.shape)
+
+  def loss(q, k, v, block):
+    c = layers.KVCache(k=k, v=v, num_tokens=cache.num_tokens)
+    return jnp.sum(w * layers.kv_cache_attention(c, q, q_pos, 0.25, key_block=block))
+
+  want = jax.grad(loss, argnums=(0, 1, 2))(q, cache.k, cache.v, None)
+  got = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), static_argnums=3)(q, cache.k, cache.v, 16)
+  for g, r in zip(got, want, strict=True):
+    assert _rel_rms(g, r) <= 1e-6
