@@ -390,6 +390,9 @@ def main(argv):
         name = "depths.png" if task == "passkey" else f"depths_{task}.png"
         png = report.plot_depths(shown, labels, os.path.join(workdir, name), task=task)
         print(f"wrote {png}")
+    png = report.plot_policies(summary["recall"], os.path.join(workdir, "policies.png"))
+    if png:
+      print(f"wrote {png}")
   print(f"wrote {workdir}/results.json, report.md ({summary['seconds'] / 60:.1f} min)")
 
 

@@ -96,6 +96,68 @@ def plot_recall(rows: list[dict], path: str) -> str:
   return path
 
 
+# The selection policies in the order the figures show them (the paper's first).
+POLICY_ORDER = ("sre", "recency", "sre_below", "energy")
+
+
+def policy_grids(rows: list[dict]) -> dict[tuple, list[dict]]:
+  """Summary rows of LoLA with one window over several selection policies and cache sizes:
+  {(task, context, window): rows}, only where at least two policies and two cache sizes were
+  scored (the selection ablation)."""
+  grids: dict[tuple, list[dict]] = {}
+  for r in rows:
+    if r["attention"] == "lola":
+      grids.setdefault((r["task"], r["context"], r["window"]), []).append(r)
+  return {
+    key: rs
+    for key, rs in sorted(grids.items())
+    if len({r["policy"] for r in rs}) > 1 and len({r["cache_size"] for r in rs}) > 1
+  }
+
+
+def plot_policies(rows: list[dict], path: str) -> str | None:
+  """Accuracy of each selection policy against the cache size (grouped bars), one panel per
+  (task, context, window) of `policy_grids`, with the teacher and the hybrids (no cache) of that
+  task and context as horizontal lines; returns `path`, or None when no grid was scored."""
+  grids = policy_grids(rows)
+  if not grids:
+    return None
+  fig = Figure(figsize=(9.5 * len(grids), 4.2))
+  axes = fig.subplots(1, len(grids), squeeze=False)
+  cmap = colormaps["tab10"]
+  for ax, ((task, ctx, window), rs) in zip(axes[0], grids.items(), strict=True):
+    caches = sorted({r["cache_size"] for r in rs})
+    policies = sorted({r["policy"] for r in rs}, key=lambda p: (POLICY_ORDER.index(p), p)
+                      if p in POLICY_ORDER else (len(POLICY_ORDER), p))  # fmt: skip
+    width = 0.8 / len(policies)
+    for i, policy in enumerate(policies):
+      acc = {r["cache_size"]: r for r in rs if r["policy"] == policy}
+      xs = [j + (i - (len(policies) - 1) / 2) * width for j, c in enumerate(caches) if c in acc]
+      ys = [acc[c]["accuracy"] for c in caches if c in acc]
+      n = "/".join(sorted({str(acc[c]["prompts"]) for c in acc}))
+      ax.bar(xs, ys, width, color=cmap(i), label=f"{policy} ({n} prompts)")
+    others = [
+      r for r in rows
+      if r["task"] == task and r["context"] == ctx and r["attention"] in ("softmax", "hybrid")
+    ]  # fmt: skip
+    for k, r in enumerate(others):
+      teacher = r["attention"] == "softmax"
+      ax.axhline(
+        r["accuracy"], color="black" if teacher else cmap(len(policies) + k),
+        linestyle="-" if teacher else "--", linewidth=1, label=f"{r['label']}: {r['accuracy']:.0%}",
+      )  # fmt: skip
+    ax.set_xticks(range(len(caches)), [str(c) for c in caches])
+    ax.set_xlabel("sparse cache slots per kv head")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("accuracy (true key ranked first of 10)")
+    ax.set_title(f"SmolLM2-135M, {task} at {ctx} tokens, LoLA window C{window}")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  return path
+
+
 def depth_cells(cells: list[dict], labels: dict[str, str]) -> list[dict]:
   """Per-prompt cells -> one cell per (method, task, context, depth) with its forced accuracy.
 

@@ -82,6 +82,29 @@ def test_figures_and_table(tmp_path):
     report.plot_depths(niah, labels, str(tmp_path / "none.png"))
 
 
+def test_policy_grid_figure(tmp_path):
+  def row(method, attention, window, cache, policy, accuracy, ctx=4096):
+    return {
+      "method": method, "label": method, "attention": attention, "window": window,
+      "cache_size": cache, "policy": policy, "task": "passkey", "context": ctx,
+      "prompts": 20, "accuracy": accuracy,
+    }  # fmt: skip
+
+  rows = [row("teacher", "softmax", None, 0, None, 1.0), row("hyb", "hybrid", 256, 0, None, 0.25)]
+  rows += [
+    row(f"lola{c}_{p}", "lola", 256, c, p, a)
+    for c, p, a in [(16, "sre", 0.9), (64, "sre", 1.0), (16, "recency", 0.2), (64, "recency", 0.2)]
+  ]
+  rows.append(row("lola64_sre_c64", "lola", 64, 64, "sre", 0.3))  # one policy: not a grid
+  rows.append(row("lola64_sre_2k", "lola", 256, 64, "sre", 1.0, ctx=2048))  # one cache: neither
+  grids = report.policy_grids(rows)
+  assert list(grids) == [("passkey", 4096, 256)] and len(grids["passkey", 4096, 256]) == 4
+  path = report.plot_policies(rows, str(tmp_path / "policies.png"))
+  assert path and (tmp_path / "policies.png").stat().st_size > 1000
+  assert report.plot_policies(rows[:2] + rows[-2:], str(tmp_path / "none.png")) is None
+  assert not (tmp_path / "none.png").exists()
+
+
 @pytest.mark.parametrize(
   "wide_name, lola_name, chunk",
   [("hybrid_wide", "lola64_sre", 8), ("hybrid_wide_c256_lean", "lola64_sre_c256_lean", 256)],
