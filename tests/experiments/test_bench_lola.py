@@ -63,6 +63,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_matmul_floor_does_the_counted_flops():
   # Beyond the matmuls the step only adds the absorbed pairs into the state and sums the scores
   # (2 x 8 x 128 x 65 FLOPs at cache 64).
