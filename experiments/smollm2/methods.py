@@ -11,6 +11,7 @@ D = 128), C = 64 and L = 64 give C' = 95 (`memory.equal_memory_chunk`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import os
 
@@ -120,14 +121,15 @@ def all_methods(base: ModelConfig, chunk: int = 64) -> dict[str, Method]:
   its window, with the C64 maps ("_m64") and with a state that recomputes the window's
   features ("_lean"); with the C256 window in that state every policy at caches 16 / 64 / 256
   and a hybrid with the bytes of its cache-64 row ("hybrid_wide_c256_lean")."""
-  wide = memory.equal_memory_chunk(
-    chunk_size=chunk,
+  equal_bytes = functools.partial(
+    memory.equal_memory_chunk,
     cache_size=64,
     key_dim=base.head_dim,
     value_dim=base.head_dim,
     feature_dim=base.phi_dim,
     kv_dtype=base.dtype,
-  )
+  )  # the window of a cache-0 hybrid holding the bytes of LoLA cache 64
+  wide = equal_bytes(chunk_size=chunk)
   rows = [
     Method("teacher", "teacher (full KV)", "softmax"),
     Method("hybrid", f"hybrid C{chunk} (cache 0)", "hybrid", chunk),
@@ -198,15 +200,7 @@ def all_methods(base: ModelConfig, chunk: int = 64) -> dict[str, Method]:
           Method(f"lola{cache}_{policy}_c256_lean", f"LoLA C256 cache {cache} {policy}, lean",
                  "lola", 256, cache, policy, **lean)
         )  # fmt: skip
-  wide_lean = memory.equal_memory_chunk(
-    chunk_size=256,
-    cache_size=64,
-    key_dim=base.head_dim,
-    value_dim=base.head_dim,
-    feature_dim=base.phi_dim,
-    kv_dtype=base.dtype,
-    window_features=False,
-  )
+  wide_lean = equal_bytes(chunk_size=256, window_features=False)
   rows.append(
     Method("hybrid_wide_c256_lean", f"hybrid C{wide_lean} (bytes of cache 64), C256 maps, lean",
            "hybrid", wide_lean, maps_chunk=256, **lean)

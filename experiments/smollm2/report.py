@@ -9,6 +9,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 
 from experiments.reporting import plots
+from experiments.smollm2.methods import POLICIES
 
 
 def _mib(nbytes: int) -> str:
@@ -96,10 +97,6 @@ def plot_recall(rows: list[dict], path: str) -> str:
   return path
 
 
-# The selection policies in the order the figures show them (the paper's first).
-POLICY_ORDER = ("sre", "recency", "sre_below", "energy")
-
-
 def policy_grids(rows: list[dict]) -> dict[tuple, list[dict]]:
   """Summary rows of LoLA with one window over several selection policies and cache sizes:
   {(task, context, window): rows}, only where at least two policies and two cache sizes were
@@ -127,8 +124,8 @@ def plot_policies(rows: list[dict], path: str) -> str | None:
   cmap = colormaps["tab10"]
   for ax, ((task, ctx, window), rs) in zip(axes[0], grids.items(), strict=True):
     caches = sorted({r["cache_size"] for r in rs})
-    policies = sorted({r["policy"] for r in rs}, key=lambda p: (POLICY_ORDER.index(p), p)
-                      if p in POLICY_ORDER else (len(POLICY_ORDER), p))  # fmt: skip
+    policies = sorted({r["policy"] for r in rs}, key=lambda p: (POLICIES.index(p), p)
+                      if p in POLICIES else (len(POLICIES), p))  # the rows' order  # fmt: skip
     width = 0.8 / len(policies)
     for i, policy in enumerate(policies):
       acc = {r["cache_size"]: r for r in rs if r["policy"] == policy}

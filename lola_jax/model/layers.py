@@ -325,9 +325,9 @@ def kv_cache_attention(
   """
   b, t = q.shape[:2]
   s = cache.k.shape[1]
-  k_pos = jnp.broadcast_to(jnp.arange(s)[None], (b, s))
-  k_valid = k_pos < cache.num_tokens[:, None]
   if t == 1 or key_block is None or s <= key_block:
+    k_pos = jnp.broadcast_to(jnp.arange(s)[None], (b, s))
+    k_valid = k_pos < cache.num_tokens[:, None]
     return softmax_attention(q, cache.k, cache.v, q_pos, k_pos, k_valid, scale)
   hkv, dv = cache.k.shape[2], cache.v.shape[-1]
   qg = q.reshape(b, t, hkv, q.shape[2] // hkv, q.shape[-1])
